@@ -1,0 +1,118 @@
+"""The explicit collectives of ``sl.shard_map``, on each rank's local block.
+
+Each is a DTensor redistribution on the one-dimensional sub-mesh of its mesh axis, so
+its forward and backward are DTensor's (and rank-dependent slicing works in simulate
+mode), except ``ppermute``, which is an all-to-all with one non-empty block:
+
+| call          | forward               | backward                         |
+|---------------|-----------------------|----------------------------------|
+| psum          | Partial -> Replicate  | identity (result is replicated)  |
+| all_gather    | Shard(d) -> Replicate | keep own block (no communication)|
+| psum_scatter  | Partial -> Shard(d)   | all-gather                       |
+| all_to_all    | Shard(c) -> Shard(s)  | all-to-all back                  |
+| ppermute      | send to i+shift       | permute by -shift                |
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+
+import shardlang as sl
+from lowering._torch import funcol, per_rank
+from lowering.schedule import Op, Recorder
+
+__all__ = ["run_collective"]
+
+
+def _redistribute(x: torch.Tensor, sub: DeviceMesh, src: Placement, dst: Placement) -> torch.Tensor:
+    n = sub.size()
+    shape = list(x.shape)
+    if isinstance(src, Shard):
+        shape[src.dim] *= n
+    stride = torch.empty(shape, device="meta").stride()
+    d = DTensor.from_local(x, sub, [src], run_check=False, shape=torch.Size(shape), stride=stride)
+    return d.redistribute(sub, [dst]).to_local()
+
+
+class _PPermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sub: DeviceMesh, shift: int,  # noqa: ANN001
+                recorder: Recorder | None) -> torch.Tensor:
+        ctx.sub, ctx.shift, ctx.recorder = sub, shift, recorder
+        return _permute(x, sub, shift, recorder)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return _permute(grad.contiguous(), ctx.sub, -ctx.shift, ctx.recorder), None, None, None
+
+
+def _permute(x: torch.Tensor, sub: DeviceMesh, shift: int, recorder: Recorder | None) -> torch.Tensor:
+    n, rows = sub.size(), x.shape[0]
+
+    @per_rank
+    def splits(me: int) -> tuple[list[int], list[int]]:
+        send = [rows if j == (me + shift) % n else 0 for j in range(n)]
+        recv = [rows if j == (me - shift) % n else 0 for j in range(n)]
+        return recv, send
+
+    recv, send = splits(sub.get_local_rank())
+    group = sub.get_group()
+    if recorder is None:
+        out = funcol.all_to_all_single(x.contiguous(), recv, send, group)
+    else:
+        with recorder.explicit(Op.PERMUTE, shift=shift):
+            out = funcol.all_to_all_single(x.contiguous(), recv, send, group)
+    return funcol.wait_tensor(out)
+
+
+def run_collective(comm: sl.Comm, x: torch.Tensor, sub: DeviceMesh, *, dim: int = 0,
+                   split_dim: int = 0, concat_dim: int = 0, shift: int = 1,
+                   recorder: Recorder | None = None) -> torch.Tensor:
+    """Issue one explicit collective on ``x`` (a rank's local block) over ``sub``."""
+    nd = x.dim()
+
+    def norm(d: int, name: str) -> int:
+        if not -nd <= d < nd:
+            raise sl.ShardingError(
+                f"sl.{comm.value}: {name}={d} is out of range for a tensor of shape "
+                f"{tuple(x.shape)}"
+            )
+        return d % nd
+
+    n = sub.size()
+    if comm is sl.Comm.PSUM:
+        return _redistribute(x, sub, Partial(), Replicate())
+    if comm is sl.Comm.ALL_GATHER:
+        return _redistribute(x, sub, Shard(norm(dim, "dim")), Replicate())
+    if comm is sl.Comm.PSUM_SCATTER:
+        d = norm(dim, "dim")
+        if x.shape[d] % n:
+            raise sl.ShardingError(
+                f"sl.psum_scatter over {sub.mesh_dim_names[0]!r} (size {n}) needs dim {d} "
+                f"(size {x.shape[d]}) divisible by {n}"
+            )
+        return _redistribute(x, sub, Partial(), Shard(d))
+    if comm is sl.Comm.ALL_TO_ALL:
+        s, c = norm(split_dim, "split_dim"), norm(concat_dim, "concat_dim")
+        if x.shape[s] % n:
+            raise sl.ShardingError(
+                f"sl.all_to_all over {sub.mesh_dim_names[0]!r} (size {n}) needs split_dim {s} "
+                f"(size {x.shape[s]}) divisible by {n}"
+            )
+        if s == c:
+            return _same_dim_all_to_all(x, sub, s)
+        return _redistribute(x, sub, Shard(c), Shard(s))
+    if comm is sl.Comm.PPERMUTE:
+        return _PPermute.apply(x, sub, shift % n, recorder)
+    raise AssertionError(f"unhandled collective {comm}")
+
+
+def _same_dim_all_to_all(x: torch.Tensor, sub: DeviceMesh, d: int) -> torch.Tensor:
+    # split and concatenate along one dim: view it as (n, rest) and swap the block dim
+    n = sub.size()
+    shape = list(x.shape)
+    blocks = x.unflatten(d, (n, shape[d] // n))            # (..., n, k, ...)
+    out = _redistribute(blocks, sub, Shard(d + 1), Shard(d))  # a real all-to-all
+    return out.flatten(d, d + 1)

@@ -1,0 +1,179 @@
+"""The lowering context: what ``sl.constrain``, ``sl.attention``, ``sl.shard_map`` and
+the collectives do while a model runs under a plan (global view over DTensor)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, distribute_tensor
+
+import shardlang as sl
+from lowering.collectives import run_collective
+from lowering.placements import placements
+from lowering.plan import Plan
+from lowering.schedule import Recorder
+from lowering.shard_map import VaryingTracker, check_outputs, submesh
+
+__all__ = ["DTensorContext"]
+
+_ATTN_AXES: sl.Axes = ("batch", "heads", "seq", None)
+
+
+def _stride(shape: Sequence[int]) -> tuple[int, ...]:
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= s
+    return tuple(reversed(out))
+
+
+class DTensorContext:
+    """Implements :class:`shardlang.LoweringContext` over one DTensor device mesh."""
+
+    def __init__(self, plan: Plan, dmesh: DeviceMesh, recorder: Recorder | None = None) -> None:
+        self.plan, self.mesh, self.rules = plan, plan.mesh, plan.rules
+        self.dmesh, self.recorder = dmesh, recorder
+        self.tracker: VaryingTracker | None = None
+
+    # -- helpers --------------------------------------------------------------
+    def site(self) -> str:
+        return self.recorder.current_site() if self.recorder else "the model"
+
+    def layout(self, shape: Sequence[int], axes: sl.Axes, what: str) -> tuple[sl.P, tuple[Placement, ...]]:
+        where = f"{what} in {self.site()}"
+        spec = self.rules.spec(axes, where=where)
+        sl.rules.check_divisible(shape, axes, spec, self.mesh, where=where)
+        return spec, placements(spec, self.mesh)
+
+    def _to_layout(self, x: torch.Tensor, pl: tuple[Placement, ...]) -> DTensor:
+        if not isinstance(x, DTensor):
+            return distribute_tensor(x, self.dmesh, pl, src_data_rank=None)
+        y = x if tuple(x.placements) == pl else x.redistribute(self.dmesh, pl)
+        # Pin the gradient to the same layout: a Partial gradient is summed here, once.
+        return DTensor.from_local(y.to_local(), self.dmesh, pl, run_check=False,
+                                  shape=y.shape, stride=y.stride())
+
+    # -- the protocol ---------------------------------------------------------
+    def constrain(self, x: torch.Tensor, axes: sl.Axes) -> torch.Tensor:
+        if self.tracker is not None:
+            raise sl.ShardingError(
+                f"sl.constrain inside a shard_map region in {self.site()}: the region works "
+                "on local blocks; constrain its inputs or outputs instead (in_axes/out_axes)"
+            )
+        _, pl = self.layout(x.shape, axes, f"activation {axes}")
+        return self._to_layout(x, pl)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                  causal: bool, scale: float | None) -> torch.Tensor:
+        spec, _ = self.layout(q.shape, _ATTN_AXES, "attention")
+        seq_axes = [a for a in spec.axes_of(2) if self.mesh.axis_size(a) > 1]
+        if seq_axes:
+            raise sl.ShardingError(
+                f"attention in {self.site()}: the sequence dim is sharded over "
+                f"{tuple(seq_axes)} but ring attention is not lowered yet; map 'seq' to None"
+            )
+
+        def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+        return self.shard_map(local_attention, (_ATTN_AXES,) * 3, _ATTN_AXES, (q, k, v))
+
+    def shard_map(self, fn: Callable[..., object], in_axes: Sequence[sl.Axes | None],
+                  out_axes: object, args: tuple[object, ...]) -> object:
+        name = getattr(fn, "__name__", "fn")
+        if self.tracker is not None:
+            raise sl.ShardingError(f"shard_map({name}) inside another shard_map region")
+        tracker = VaryingTracker(self._psum_cotangent)
+        local_args: list[object] = []
+        for i, (a, axes) in enumerate(zip(args, in_axes)):
+            if axes is None:
+                local_args.append(a)
+                continue
+            if not isinstance(a, torch.Tensor) or len(axes) != a.dim():
+                raise sl.ShardingError(
+                    f"shard_map({name}) argument {i}: in_axes {tuple(axes)} needs a tensor "
+                    f"with {len(axes)} dims, got "
+                    f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}"
+                )
+            spec, pl = self.layout(a.shape, tuple(axes), f"shard_map({name}) argument {i}")
+            local = self._to_layout(a, pl).to_local()
+            local_args.append(tracker.mark(local, frozenset(spec.mesh_axes)))
+        self.tracker = tracker
+        try:
+            with tracker:
+                out = fn(*local_args)
+        finally:
+            self.tracker = None
+        return self._outputs(out, out_axes, tracker, name)
+
+    def _outputs(self, out: object, out_axes: object, tracker: VaryingTracker, name: str) -> object:
+        single = isinstance(out, torch.Tensor)
+        outs = (out,) if single else tuple(out)  # type: ignore[arg-type]
+        axes_list = (out_axes,) if single else tuple(out_axes)  # type: ignore[arg-type]
+        if len(outs) != len(axes_list) or not all(isinstance(o, torch.Tensor) for o in outs):
+            raise sl.ShardingError(
+                f"shard_map({name}) returned {len(outs)} value(s) but out_axes describe "
+                f"{len(axes_list)}; return tensors, one per out_axes entry"
+            )
+        specs, result = [], []
+        for o, axes in zip(outs, axes_list):
+            axes = tuple(axes)  # type: ignore[arg-type]
+            if len(axes) != o.dim():
+                raise sl.ShardingError(
+                    f"shard_map({name}) output of local shape {tuple(o.shape)} has {o.dim()} "
+                    f"dims but out_axes {axes} has {len(axes)}"
+                )
+            spec = self.rules.spec(axes, where=f"shard_map({name}) output")
+            specs.append(spec)
+            shape = [s * _prod(self.mesh.axis_size(a) for a in spec.axes_of(d))
+                     for d, s in enumerate(o.shape)]
+            result.append(DTensor.from_local(
+                o, self.dmesh, placements(spec, self.mesh), run_check=False,
+                shape=torch.Size(shape), stride=_stride(shape)))
+        check_outputs(outs, specs, tracker, self.mesh.shape, name)
+        return result[0] if single else tuple(result)
+
+    def collective(self, comm: sl.Comm, x: torch.Tensor, axis: str, **kw: int) -> torch.Tensor:
+        if self.tracker is None:
+            raise sl.ShardingError(
+                f"sl.{comm.value}(x, {axis!r}) in {self.site()} is outside a shard_map region: "
+                "collectives act on local blocks; wrap the code in sl.shard_map"
+            )
+        return self._collective(comm, x, axis, **kw)
+
+    def _psum_cotangent(self, g: torch.Tensor, axis: str) -> torch.Tensor:
+        """The backward of an implicit pvary (runs after the region has ended)."""
+        sub = submesh(self.dmesh, axis)
+        return g if sub is None else run_collective(sl.Comm.PSUM, g, sub, recorder=self.recorder)
+
+    def _collective(self, comm: sl.Comm, x: torch.Tensor, axis: str, **kw: int) -> torch.Tensor:
+        tracker = self.tracker
+        sub = submesh(self.dmesh, axis)
+        if sub is None or tracker is None:
+            return x
+        x = tracker.pvary(x, frozenset({axis}))
+        with self._paused(tracker):
+            out = run_collective(comm, x, sub, recorder=self.recorder, **kw)
+        vma = tracker.vma(x)
+        invariant = comm in (sl.Comm.PSUM, sl.Comm.ALL_GATHER)
+        return tracker.mark(out, vma - {axis} if invariant else vma | {axis})
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _paused(tracker: VaryingTracker) -> Iterator[None]:
+        was, tracker.paused = tracker.paused, True
+        try:
+            yield
+        finally:
+            tracker.paused = was
+
+
+def _prod(xs: object) -> int:
+    n = 1
+    for x in xs:  # type: ignore[attr-defined]
+        n *= x
+    return n

@@ -1,0 +1,112 @@
+"""Data parallelism: parameters onto the mesh, DDP gradient all-reduce, and FSDP.
+
+* Plain dp: parameters are replicated over ``dp``; the batch is sharded, so each
+  gradient comes out of backward ``Partial`` over dp and :func:`sync_grads` all-reduces
+  it (one all-reduce per parameter, in reverse registration order as DDP's buckets go;
+  the payloads add up to all parameter bytes).
+* FSDP (``fsdp=True``): parameters are stored ``Shard(d)`` over dp. The module that
+  owns them gathers them at use (all-gather, forward), runs under activation
+  checkpointing so they are re-gathered in backward (all-gather, backward) instead of
+  being kept, and the gradient of the gather is a reduce-scatter. All three are
+  DTensor redistributions, so they run and are recorded in dry, simulate and run mode.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_tensor
+from torch.utils.checkpoint import checkpoint
+
+from lowering._torch import own_copy_per_rank
+from lowering.plan import Plan
+from lowering.schedule import Phase, Recorder
+
+__all__ = ["distribute_model", "sync_grads", "unique_params"]
+
+
+def unique_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Parameters by first name (tied parameters once)."""
+    yield from model.named_parameters()
+
+
+def distribute_model(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> nn.Module:
+    """Replace every parameter by a DTensor parameter with the plan's placements, in
+    place (ties kept), and install FSDP gathering where the plan shards over dp."""
+    new: dict[int, nn.Parameter] = {}
+    for p_plan in plan.params:
+        old = model.get_parameter(p_plan.name)
+        data = distribute_tensor(old.detach(), dmesh, p_plan.placements, src_data_rank=None)
+        local = own_copy_per_rank(data.to_local())
+        if local is not data.to_local():
+            data = DTensor.from_local(local, dmesh, p_plan.placements, run_check=False,
+                                      shape=data.shape, stride=data.stride())
+        new[id(old)] = nn.Parameter(data, requires_grad=old.requires_grad)
+    fsdp_owners: dict[nn.Module, list[str]] = {}
+    for mod_name, mod in model.named_modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is None or id(p) not in new:
+                continue
+            mod._parameters[pname] = new[id(p)]
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            if plan.options.fsdp and _is_fsdp(plan, full):
+                fsdp_owners.setdefault(mod, []).append(pname)
+    for mod, names in fsdp_owners.items():
+        _gather_at_use(mod, names, dmesh)
+    return model
+
+
+def _is_fsdp(plan: Plan, name: str) -> bool:
+    aliases = dict(plan.aliases)
+    try:
+        return plan.param(aliases.get(name, name)).fsdp_dim is not None
+    except KeyError:
+        return False
+
+
+def _gathered(pl: tuple[Placement, ...], axes: tuple[str, ...]) -> list[Placement]:
+    return [Replicate() if a == "dp" else p for a, p in zip(axes, pl)]
+
+
+def _gather_at_use(mod: nn.Module, names: list[str], dmesh: DeviceMesh) -> None:
+    axes = tuple(dmesh.mesh_dim_names or ())
+    orig: Callable[..., object] = mod.forward
+
+    def run(*args: object, **kwargs: object) -> object:
+        for n in names:
+            p = mod._parameters[n]
+            assert isinstance(p, DTensor)
+            # all-gather over dp (forward); its backward is the gradient reduce-scatter
+            mod.__dict__[n] = p.redistribute(dmesh, _gathered(tuple(p.placements), axes))
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            for n in names:
+                mod.__dict__.pop(n, None)
+
+    @functools.wraps(orig)
+    def forward(*args: object, **kwargs: object) -> object:
+        if not torch.is_grad_enabled():
+            return run(*args, **kwargs)
+        # not keeping the gathered weights: backward re-runs `run`, gathering again
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+
+    mod.forward = forward  # type: ignore[method-assign]
+
+
+def sync_grads(model: nn.Module, plan: Plan, dmesh: DeviceMesh, recorder: Recorder | None) -> None:
+    """Bring every gradient to its parameter's placements (DDP's all-reduce over dp)."""
+    for name, p in reversed(list(unique_params(model))):
+        g = p.grad
+        if not isinstance(g, DTensor) or tuple(g.placements) == tuple(p.placements):
+            continue
+        if recorder is None:
+            p.grad = g.redistribute(dmesh, p.placements)
+            continue
+        with recorder.site(name, Phase.BACKWARD):
+            p.grad = g.redistribute(dmesh, p.placements)
+

@@ -1,0 +1,138 @@
+"""``lower(model, mesh, rules)``: the static plan, pure data.
+
+For every parameter: its logical axes, spec, DTensor placements and tensor-parallel
+role; plus the mesh, rules and options. The collective schedule is recorded from this
+plan by dry, simulate or run mode (:mod:`lowering.modes`).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.tensor import Placement
+
+import shardlang as sl
+from lowering.placements import fsdp_dim, placements, tensor_axes
+from lowering.tensor import Role, tp_role
+
+__all__ = ["ParamPlan", "Plan", "Options", "lower"]
+
+
+class Schedule(enum.Enum):
+    GPIPE = "gpipe"
+    ONE_F_ONE_B = "1f1b"
+    INTERLEAVED = "interleaved"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Lowering options (keywords of :func:`lower`)."""
+
+    fsdp: bool = False
+    batch: int | None = None
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    axes: sl.Axes | None
+    spec: sl.P
+    placements: tuple[Placement, ...]
+    role: Role
+    fsdp_dim: int | None
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Plan:
+    mesh: sl.Mesh
+    rules: sl.Rules
+    options: Options
+    params: tuple[ParamPlan, ...]
+    aliases: tuple[tuple[str, str], ...]  # (tied name, name it shares storage with)
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return tensor_axes(self.mesh)
+
+    def param(self, name: str) -> ParamPlan:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.nbytes // p.dtype.itemsize for p in self.params)
+
+
+def _used_names(model: nn.Module) -> set[str]:
+    out: set[str] = set()
+    for p in model.parameters():
+        out.update(a for a in (sl.logical_axes(p) or ()) if a)
+    return out
+
+
+def _check_options(mesh: sl.Mesh, options: Options) -> None:
+    if options.batch is not None:
+        sl.rules.check_divisible((options.batch,), ("batch",), sl.P(("dp", "ep")), mesh,
+                                 where="the input batch")
+
+
+def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = False,
+          batch: int | None = None, seq: int | None = None,
+          extra_names: Iterable[str] = ()) -> Plan:
+    """Validate a layout and derive every parameter's placements.
+
+    Example:
+        >>> import shardlang as sl, lowering, models
+        >>> plan = lowering.lower(models.PRESETS["gpt-tiny"].factory(),
+        ...                       sl.Mesh(dp=2, tp=2), sl.Rules.default())
+        >>> plan.param("blocks.0.mlp.up.weight").spec
+        P('tp', None)
+    """
+    if not isinstance(mesh, sl.Mesh):
+        raise sl.ShardingError(f"lower() takes an sl.Mesh, got {type(mesh).__name__}")
+    if not isinstance(rules, sl.Rules):
+        raise sl.ShardingError(f"lower() takes sl.Rules, got {type(rules).__name__}")
+    if mesh.pp > 1:
+        raise sl.ShardingError(
+            f"{mesh!r}: pipeline parallelism (pp) is not lowered yet; use pp=1"
+        )
+    rules.check_names(_used_names(model) | set(extra_names))
+    options = Options(fsdp=fsdp, batch=batch, seq=seq)
+    _check_options(mesh, options)
+    modules = dict(model.named_modules())
+    first: dict[int, str] = {}
+    plans: list[ParamPlan] = []
+    aliases: list[tuple[str, str]] = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases.append((name, first[id(p)]))
+            continue
+        first[id(p)] = name
+        axes = sl.logical_axes(p)
+        spec = rules.spec(axes, where=name) if axes else sl.P(*([None] * p.dim()))
+        sl.rules.check_divisible(p.shape, axes or (), spec, mesh, where=name)
+        fdim = fsdp_dim(spec, p.shape) if fsdp and mesh.dp > 1 else None
+        owner = modules[name.rpartition(".")[0]]
+        plans.append(ParamPlan(
+            name=name, shape=tuple(p.shape), dtype=p.dtype, axes=axes, spec=spec,
+            placements=placements(spec, mesh, fsdp=fdim), role=tp_role(owner, spec, p.dim()),
+            fsdp_dim=fdim,
+        ))
+    return Plan(mesh=mesh, rules=rules, options=options, params=tuple(plans),
+                aliases=tuple(aliases))

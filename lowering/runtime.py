@@ -1,0 +1,107 @@
+"""Process groups and device meshes for the three execution modes.
+
+Device selection lives here and only here: ``cuda`` + ``nccl`` when CUDA is available,
+else ``cpu`` + ``gloo``. Dry and simulate modes use the ``fake`` backend (no
+communication; simulate adds ``LocalTensorMode`` so every rank's values live in this
+process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import enum
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+import shardlang as sl
+from lowering._torch import init_fake, local_tensor_mode
+from lowering.placements import tensor_axes
+
+__all__ = ["Mode", "Session", "session", "device_and_backend", "under_torchrun"]
+
+#: A collective that waits longer than this fails instead of hanging (run mode).
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("SHARDLANG_TIMEOUT", "120")))
+
+
+class Mode(enum.Enum):
+    DRY = "dry"
+    SIMULATE = "simulate"
+    RUN = "run"
+
+
+def device_and_backend() -> tuple[str, str]:
+    """The one place that picks the device: (``cuda``, ``nccl``) or (``cpu``, ``gloo``)."""
+    if torch.cuda.is_available():
+        return "cuda", "nccl"
+    return "cpu", "gloo"
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+@dataclass
+class Session:
+    """A live process group and device mesh for one mode."""
+
+    mode: Mode
+    mesh: sl.Mesh
+    rank: int
+    device: str
+    dmesh: DeviceMesh | None
+
+    @property
+    def world(self) -> int:
+        return self.mesh.size
+
+
+def _device_mesh(mesh: sl.Mesh, device: str) -> DeviceMesh | None:
+    axes = tensor_axes(mesh)
+    if not axes:
+        return None
+    return init_device_mesh(device, tuple(mesh.axis_size(a) for a in axes), mesh_dim_names=axes)
+
+
+@contextlib.contextmanager
+def session(mesh: sl.Mesh, mode: Mode, *, rank: int = 0) -> Iterator[Session]:
+    """Set up (and tear down) the process group a mode needs."""
+    if dist.is_initialized():
+        raise sl.ShardingError(
+            f"a {mode.value} session needs its own process group, but one is already "
+            "initialized in this process; call lowering from a fresh process"
+        )
+    if mode is Mode.RUN:
+        device, backend = device_and_backend()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != mesh.size:
+            raise sl.ShardingError(
+                f"mesh {mesh!r} has {mesh.size} ranks but {world} processes were launched; "
+                f"launch {mesh.size} processes (torchrun --nproc-per-node {mesh.size}) or "
+                f"change the mesh"
+            )
+        rank = int(os.environ.get("RANK", "0"))
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        try:
+            yield Session(mode, mesh, rank, device, _device_mesh(mesh, device))
+        finally:
+            dist.destroy_process_group()
+        return
+    if not 0 <= rank < mesh.size:
+        raise sl.ShardingError(f"--rank {rank} is outside {mesh!r} (ranks 0..{mesh.size - 1})")
+    init_fake(rank, mesh.size)
+    try:
+        if mode is Mode.SIMULATE:
+            with local_tensor_mode(mesh.size):
+                yield Session(mode, mesh, rank, "cpu", _device_mesh(mesh, "cpu"))
+        else:
+            yield Session(mode, mesh, rank, "cpu", _device_mesh(mesh, "cpu"))
+    finally:
+        dist.destroy_process_group()

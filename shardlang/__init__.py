@@ -1,0 +1,23 @@
+"""shardlang: a named-axis sharding DSL over PyTorch DTensor.
+
+Model code names tensor dims with logical axes; a mesh and rules say how they are
+split. This package is pure (no ``torch.distributed``): with no lowering active every
+call has single-device semantics. ``lowering`` turns a model, mesh and rules into a plan.
+"""
+
+from shardlang.annotate import annotate, axes, logical_axes
+from shardlang.context import Comm, LoweringContext, activate, active
+from shardlang.errors import ShardingError
+from shardlang.mesh import MESH_AXES, Mesh
+from shardlang.ops import (
+    all_gather, all_to_all, attention, constrain, ppermute, psum, psum_scatter, shard_map,
+)
+from shardlang.rules import LOGICAL_AXES, Axes, Rules
+from shardlang.spec import P
+
+__all__ = [
+    "MESH_AXES", "LOGICAL_AXES", "Axes", "Mesh", "P", "Rules", "ShardingError",
+    "axes", "annotate", "logical_axes", "constrain", "attention", "shard_map",
+    "psum", "all_gather", "psum_scatter", "all_to_all", "ppermute",
+    "Comm", "LoweringContext", "active", "activate",
+]
