@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lowering._torch import own_copy_per_rank
 from lowering.plan import Plan
-from lowering.schedule import Phase, Recorder
+from lowering.schedule import Phase, Recorder, site
 
 __all__ = ["distribute_model", "sync_grads", "unique_params"]
 
@@ -55,8 +55,9 @@ def distribute_model(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> nn.Modu
             full = f"{mod_name}.{pname}" if mod_name else pname
             if plan.options.fsdp and _is_fsdp(plan, full):
                 fsdp_owners.setdefault(mod, []).append(pname)
+    mod_names = {m: n for n, m in model.named_modules()}
     for mod, names in fsdp_owners.items():
-        _gather_at_use(mod, names, dmesh)
+        _gather_at_use(mod, mod_names[mod], names, dmesh)
     return model
 
 
@@ -72,16 +73,37 @@ def _gathered(pl: tuple[Placement, ...], axes: tuple[str, ...]) -> list[Placemen
     return [Replicate() if a == "dp" else p for a, p in zip(axes, pl)]
 
 
-def _gather_at_use(mod: nn.Module, names: list[str], dmesh: DeviceMesh) -> None:
-    axes = tuple(dmesh.mesh_dim_names or ())
+class _Gather(torch.autograd.Function):
+    """FSDP's gather of one parameter, with the site of both collectives pinned.
+
+    Forward: all-gather over dp (``Shard`` -> ``Replicate``). Backward: first give the
+    gradient the parameter's own placements on every axis but dp (a local slice: an
+    embedding's backward, say, yields a tp-replicated grad), then reduce-scatter over dp.
+    """
+
+    @staticmethod
+    def forward(ctx, p: DTensor, name: str, dmesh: DeviceMesh) -> DTensor:  # noqa: ANN001
+        ctx.name, ctx.dmesh, ctx.pl = name, dmesh, tuple(p.placements)
+        ctx.axes = tuple(dmesh.mesh_dim_names or ())
+        with torch.no_grad(), site(name):
+            return p.redistribute(dmesh, _gathered(ctx.pl, ctx.axes))
+
+    @staticmethod
+    def backward(ctx, g: DTensor):  # noqa: ANN001, ANN205
+        target = _gathered(ctx.pl, ctx.axes)
+        want = [gp if a == "dp" else t for a, gp, t in zip(ctx.axes, g.placements, target)]
+        with site(ctx.name):
+            if list(g.placements) != want:
+                g = g.redistribute(ctx.dmesh, want)
+            return g.redistribute(ctx.dmesh, ctx.pl), None, None
+
+
+def _gather_at_use(mod: nn.Module, mod_name: str, names: list[str], dmesh: DeviceMesh) -> None:
     orig: Callable[..., object] = mod.forward
 
     def run(*args: object, **kwargs: object) -> object:
         for n in names:
-            p = mod._parameters[n]
-            assert isinstance(p, DTensor)
-            # all-gather over dp (forward); its backward is the gradient reduce-scatter
-            mod.__dict__[n] = p.redistribute(dmesh, _gathered(tuple(p.placements), axes))
+            mod.__dict__[n] = _Gather.apply(mod._parameters[n], mod_name, dmesh)
         try:
             return orig(*args, **kwargs)
         finally:

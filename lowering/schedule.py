@@ -23,6 +23,7 @@ from lowering._torch import ModTracker, in_backward
 
 __all__ = [
     "Phase", "Op", "Record", "Recorder", "RankSchedules", "wire_bytes", "schedule_json", "totals",
+    "site",
 ]
 
 
@@ -124,8 +125,12 @@ class Recorder(TorchDispatchMode):
     # -- context --------------------------------------------------------------
     @contextlib.contextmanager
     def recording(self) -> Iterator[Recorder]:
-        with self._tracker, self:
-            yield self
+        _RECORDING.append(self)
+        try:
+            with self._tracker, self:
+                yield self
+        finally:
+            _RECORDING.pop()
 
     @contextlib.contextmanager
     def site(self, name: str, phase: Phase | None = None) -> Iterator[None]:
@@ -204,6 +209,19 @@ class Recorder(TorchDispatchMode):
     def add(self, record: Record) -> None:
         """Append a record built elsewhere (e.g. a pipeline send), renumbered."""
         self.records.append(replace(record, index=len(self.records)))
+
+
+_RECORDING: list[Recorder] = []
+
+
+@contextlib.contextmanager
+def site(name: str) -> Iterator[None]:
+    """Attribute collectives in the block to ``name`` if a recorder is recording."""
+    if not _RECORDING:
+        yield
+        return
+    with _RECORDING[-1].site(name):
+        yield
 
 
 def totals(records: Sequence[Record]) -> dict[str, dict[str, dict[str, float]]]:

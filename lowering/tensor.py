@@ -10,6 +10,7 @@ all-reduce), and the model's one ``constrain`` per block input converts the back
 
 from __future__ import annotations
 
+import contextlib
 import enum
 
 import torch
@@ -20,7 +21,7 @@ from torch.distributed.tensor import DTensor, Shard
 import shardlang as sl
 from lowering._torch import loss_parallel
 
-__all__ = ["Role", "tp_role", "next_token_loss"]
+__all__ = ["Role", "tp_role", "loss_scope", "next_token_loss"]
 
 
 class Role(enum.Enum):
@@ -45,20 +46,26 @@ def tp_role(owner: nn.Module, spec: sl.P, ndim: int) -> Role:
     return Role.SHARDED
 
 
+def loss_scope(logits: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Where the loss and its backward run: torch's vocab-parallel cross-entropy
+    (``loss_parallel``: local log-softmax with all-reduced max and sum, no gathered
+    logits) when the vocab dim is sharded. Backward must run inside it too."""
+    vocab_sharded = isinstance(logits, DTensor) and any(
+        isinstance(p, Shard) and p.dim == logits.dim() - 1 for p in logits.placements
+    )
+    return loss_parallel() if vocab_sharded else contextlib.nullcontext()
+
+
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over all tokens; vocab-parallel when the vocab dim is sharded.
+    """Mean cross-entropy over all tokens (call inside :func:`loss_scope`).
 
     The sum is taken locally and divided by the global token count, so the result is
     exact on any mesh.
     """
-    n_tokens = targets.numel()
-    flat_logits, flat_targets = logits.flatten(0, 1), targets.flatten(0, 1)
-    vocab_sharded = isinstance(logits, DTensor) and any(
-        isinstance(p, Shard) and p.dim == logits.dim() - 1 for p in logits.placements
-    )
-    if vocab_sharded:
-        with loss_parallel():
-            total = F.cross_entropy(flat_logits, flat_targets, reduction="sum")
-    else:
-        total = F.cross_entropy(flat_logits, flat_targets, reduction="sum")
-    return total / n_tokens
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(targets.shape):
+        raise sl.ShardingError(
+            f"the model returned logits of shape {tuple(logits.shape)} for token ids of shape "
+            f"{tuple(targets.shape)}; a model must map (batch, seq) ids to (batch, seq, vocab)"
+        )
+    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(0, 1), reduction="sum")
+    return total / targets.numel()

@@ -22,7 +22,7 @@ from lowering.data import distribute_model, sync_grads, unique_params
 from lowering.plan import Plan
 from lowering.runtime import Mode, Session
 from lowering.schedule import Phase, Record, Recorder
-from lowering.tensor import next_token_loss
+from lowering.tensor import loss_scope, next_token_loss
 from models.datasets import Batches
 
 __all__ = ["TrainConfig", "TrainResult", "train", "reference", "group_axes"]
@@ -91,8 +91,10 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
             if ctx is not None:
                 idx = ctx.constrain(idx, ("batch", "seq"))
                 tgt = ctx.constrain(tgt, ("batch", "seq"))
-            loss = next_token_loss(model(idx), tgt)
-            loss.backward()
+            logits = model(idx)
+            with loss_scope(logits):
+                loss = next_token_loss(logits, tgt)
+                loss.backward()
             if plan is not None and dmesh is not None:
                 sync_grads(model, plan, dmesh, rec)
         if step == 0 and cfg.keep_grads and not dry:
