@@ -72,7 +72,8 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
           ) -> TrainResult:
     """Train ``model`` under ``plan`` in ``sess`` (both None: the single-device reference)."""
     dmesh = sess.dmesh if sess else None
-    world = sess.world if sess else 1
+    # run mode: this process holds one rank's values; simulate: every rank's
+    world = sess.world if sess and sess.mode is Mode.SIMULATE else 1
     dry = sess is not None and sess.mode is Mode.DRY
     recorder = Recorder(group_axes(sess)) if sess else None
     ctx = None
@@ -93,7 +94,8 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
                 tgt = ctx.constrain(tgt, ("batch", "seq"))
             logits = model(idx)
             with loss_scope(logits):
-                loss = next_token_loss(logits, tgt)
+                with (rec.site("loss") if rec else _null()):
+                    loss = next_token_loss(logits, tgt)
                 loss.backward()
             if plan is not None and dmesh is not None:
                 sync_grads(model, plan, dmesh, rec)

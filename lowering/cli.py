@@ -1,0 +1,207 @@
+"""The ``shardlang`` command: explain (dry), simulate, run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+
+import shardlang as sl
+from lowering.launch import launch_torchrun
+from lowering.modes import Layout, Parity, explain, run, simulate
+from lowering.printer import print_explain
+from lowering.registry import resolve
+from lowering.runtime import under_torchrun
+from lowering.schedule import schedule_json
+from models.datasets import Batches, ByteText
+
+__all__ = ["main", "build_parser"]
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="a preset (mlp, gpt-tiny, gpt-7b) or package.module:factory")
+    p.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. dp=2,tp=2")
+    p.add_argument("--rules", default="",
+                   help="logical=mesh overrides on the default rules, e.g. batch=dp,heads=tp "
+                        "('+' joins mesh axes: batch=dp+ep; 'none' replicates)")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters over dp (FSDP)")
+    p.add_argument("--batch", type=int, help="global batch size (default: the preset's, else 8)")
+    p.add_argument("--seq", type=int, help="sequence length (default: the preset's, else 32)")
+    p.add_argument("--seed", type=int, default=0, help="model init and data seed")
+    p.add_argument("--microbatches", type=int, default=1, help="pipeline microbatches")
+    p.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule")
+
+
+def _training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps (default 10)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    p.add_argument("--data", metavar="FILE",
+                   help="train a byte-level LM on this text file (default: the synthetic "
+                        "arithmetic-sequence task)")
+    p.add_argument("--check", action="store_true",
+                   help="compare every rank's loss and gradients with the single-device "
+                        "model; exit 1 on a mismatch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardlang",
+        description="Lower a named-axis sharded PyTorch model onto a 5D mesh "
+                    "(dp, pp, tp, sp, ep): print its collective schedule, simulate every "
+                    "rank in one process, or run it with torchrun.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("explain", help="dry mode: print the plan and per-rank schedule "
+                                       "(meta tensors, any world size, no memory)")
+    _common(e)
+    who = e.add_mutually_exclusive_group()
+    who.add_argument("--rank", type=int, default=0, help="the rank to show (default 0)")
+    who.add_argument("--all-ranks", action="store_true", help="every rank's schedule")
+    e.add_argument("--json", action="store_true", help="one JSON object (DESIGN.md schema)")
+    e.add_argument("--terms", action="store_true", help="list every analytic term")
+    s = sub.add_parser("simulate", help="run every rank inside this process")
+    _common(s)
+    _training(s)
+    r = sub.add_parser("run", help="train with torchrun, one process per rank "
+                                   "(nccl on CUDA, else gloo)")
+    _common(r)
+    _training(r)
+    r.add_argument("--timeout", type=float, default=600,
+                   help="seconds before a launch is stopped (default 600)")
+    r.add_argument("--schedule-json", metavar="FILE",
+                   help="write rank 0's recorded schedule (JSON) to FILE")
+    return parser
+
+
+def _layout(args: argparse.Namespace) -> Layout:
+    mesh = sl.Mesh.parse(args.mesh)
+    rules = sl.Rules.parse(args.rules, base=sl.Rules.default())
+    for flag in ("batch", "seq"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise sl.ShardingError(f"--{flag} {v}: must be a positive integer")
+    if mesh.pp == 1 and (args.microbatches != 1):
+        raise sl.ShardingError(
+            f"--microbatches {args.microbatches} needs a pipeline (pp > 1 in --mesh)")
+    return Layout(resolve(args.model), mesh, rules, fsdp=args.fsdp, batch=args.batch,
+                  seq=args.seq, seed=args.seed)
+
+
+def _data(args: argparse.Namespace) -> Batches | None:
+    return ByteText(args.data, seed=args.seed) if args.data else None
+
+
+def _cmd_explain(args: argparse.Namespace, console: Console) -> int:
+    layout = _layout(args)
+    ranks = list(range(layout.mesh.size)) if args.all_ranks else [args.rank]
+    ex = explain(layout, ranks=ranks)
+    if args.json:
+        out = schedule_json(ex.schedules, analytic={a: v.json() for a, v in ex.analytic.items()})
+        print(json.dumps(out))
+        return 0
+    print_explain(ex.schedules, ex.plan, ex.analytic, console, traced=ex.traced,
+                  verbose_terms=args.terms)
+    return 0
+
+
+def _report(parity: Parity | None, console: Console) -> int:
+    if parity is None:
+        return 0
+    for line in parity.lines:
+        console.print(line)
+    if parity.ok:
+        console.print("[green]check passed[/]: every rank matches the single-device model "
+                      "(loss and gradients within rtol=atol=1e-5; loss curve within 1e-4)")
+        return 0
+    console.print(f"[red]check FAILED[/]: {parity.worst_param} differs by "
+                  f"{parity.worst_err:.3e} on rank {parity.worst_rank}")
+    return 1
+
+
+def _progress(steps: int, console: Console, label: str):  # noqa: ANN202
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total}"), console=console,
+                        transient=True)
+    task = progress.add_task(label, total=steps)
+
+    def on_step(step: int, losses: list[float]) -> None:
+        agree = max(losses) - min(losses) < 1e-6
+        ranks = f"({len(losses)} ranks agree)" if agree and len(losses) > 1 else (
+            f"(ranks differ: min {min(losses):.6f} max {max(losses):.6f})" if len(losses) > 1 else "")
+        progress.console.print(f"step {step + 1:4d}/{steps}  loss {losses[0]:.4f} {ranks}")
+        progress.advance(task)
+
+    return progress, on_step
+
+
+def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
+    layout = _layout(args)
+    console.print(f"simulating {layout.model.name} on {layout.mesh!r}: {layout.mesh.size} "
+                  "ranks in this process")
+    progress, on_step = _progress(args.steps, console, "simulate")
+    with progress:
+        _, parity = simulate(layout, steps=args.steps, check=args.check, data=_data(args),
+                             lr=args.lr, on_step=on_step)
+    return _report(parity, console)
+
+
+def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) -> int:
+    layout = _layout(args)
+    if not under_torchrun():
+        explain(layout)  # validate the whole layout (dry trace) before starting processes
+        console.print(f"launching torchrun: {layout.mesh.size} processes for {layout.mesh!r}")
+        return launch_torchrun(layout.mesh.size, argv, timeout=args.timeout)
+    import torch.distributed as dist
+
+    progress, on_step = _progress(args.steps, console, "run")
+    rank0 = _env_rank() == 0
+    with progress if rank0 else _quiet():
+        result, parity = run(layout, steps=args.steps, check=args.check, data=_data(args),
+                             lr=args.lr, on_step=on_step if rank0 else None)
+    if args.schedule_json and rank0:
+        from lowering.schedule import RankSchedules
+
+        sched = RankSchedules(layout.mesh, {"name": layout.model.name}, {0: result.records})
+        with open(args.schedule_json, "w") as f:
+            json.dump(schedule_json(sched), f)
+    code = _report(parity, console) if parity is not None and not parity.ok else 0
+    if rank0 and parity is not None:
+        code = _report(parity, console)
+    del dist
+    return code
+
+
+def _env_rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+class _quiet:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    # a pipe or a log file gets wide tables instead of rich's 80-column default
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    try:
+        if args.command == "explain":
+            return _cmd_explain(args, console)
+        if args.command == "simulate":
+            return _cmd_simulate(args, console)
+        return _cmd_run(args, argv, console)
+    except sl.ShardingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,172 @@
+"""The three execution modes behind one API: ``explain`` (dry), ``simulate``, ``run``.
+
+Each builds the model from its factory (on meta tensors in dry mode), lowers it, and
+trains or traces one step under the matching session; all three record the same
+schedule for the same rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+import shardlang as sl
+from lowering.analytic import AxisVolume, analytic_volume
+from lowering.plan import Plan, lower
+from lowering.registry import ModelRef
+from lowering.runtime import Mode, session
+from lowering.schedule import RankSchedules, Record
+from lowering.train import TrainConfig, TrainResult, reference, train
+from models.datasets import ArithmeticSequences, Batches
+
+__all__ = ["Layout", "Explained", "Parity", "explain", "simulate", "run", "check_parity",
+           "traced_ranks"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything that fixes a run: model, mesh, rules and options."""
+
+    model: ModelRef
+    mesh: sl.Mesh
+    rules: sl.Rules = field(default_factory=sl.Rules.default)
+    fsdp: bool = False
+    batch: int | None = None
+    seq: int | None = None
+    seed: int = 0
+
+    def shapes(self, model: torch.nn.Module) -> tuple[int, int]:
+        return self.batch or self.model.batch, self.seq or self.model.default_seq(model)
+
+    def plan(self, model: torch.nn.Module) -> Plan:
+        batch, seq = self.shapes(model)
+        return lower(model, self.mesh, self.rules, fsdp=self.fsdp, batch=batch, seq=seq)
+
+
+@dataclass
+class Explained:
+    plan: Plan
+    schedules: RankSchedules
+    analytic: dict[str, AxisVolume]
+    traced: list[int]
+
+
+def traced_ranks(mesh: sl.Mesh, ranks: Sequence[int] | None) -> list[int]:
+    """Which ranks to trace. Every rank runs the same SPMD program, so past 16 ranks
+    ``--all-ranks`` traces rank 0 and gives every rank its own groups."""
+    if ranks is None:
+        return [0]
+    if len(ranks) > 16:
+        return [0]
+    return list(ranks)
+
+
+def _dry_trace(layout: Layout, rank: int, data: Batches) -> tuple[Plan, list[Record], torch.nn.Module]:
+    model = layout.model.build(seed=layout.seed, meta=True)
+    plan = layout.plan(model)
+    batch, seq = layout.shapes(model)
+    with session(layout.mesh, Mode.DRY, rank=rank) as sess:
+        result = train(model, plan, sess, data, TrainConfig(steps=1, batch=batch, seq=seq))
+    return plan, result.records, model
+
+
+def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
+            data: Batches | None = None) -> Explained:
+    """Dry mode: trace one step on meta tensors with the fake backend and return every
+    asked-for rank's schedule (``ranks=None``: rank 0) and the analytic volumes."""
+    want = list(ranks) if ranks is not None else [0]
+    for r in want:
+        if not 0 <= r < layout.mesh.size:
+            raise sl.ShardingError(
+                f"--rank {r} is outside {layout.mesh!r} (ranks 0..{layout.mesh.size - 1})")
+    data = data or ArithmeticSequences(_vocab(layout))
+    traces: dict[int, list[Record]] = {}
+    plan = model = None
+    for r in traced_ranks(layout.mesh, want):
+        plan, traces[r], model = _dry_trace(layout, r, data)
+    assert plan is not None and model is not None, "at least one rank is traced"
+    first = traces[min(traces)]
+    batch, seq = layout.shapes(model)
+    sched = RankSchedules(layout.mesh, {"name": layout.model.name, "params": plan.n_params},
+                          {r: traces.get(r, first) for r in want})
+    return Explained(plan, sched, analytic_volume(plan, model, batch=batch, seq=seq),
+                     sorted(traces))
+
+
+def _vocab(layout: Layout) -> int:
+    return layout.model.vocab_size(layout.model.build(meta=True))
+
+
+@dataclass
+class Parity:
+    ok: bool
+    worst_param: str
+    worst_rank: int
+    worst_err: float
+    loss_err: float
+    lines: list[str]
+
+
+def check_parity(got: TrainResult, ref: TrainResult, *, rtol: float = 1e-5,
+                 atol: float = 1e-5, curve_tol: float = 1e-4) -> Parity:
+    """Every rank's loss (each step) and step-0 gradients against the single-device run."""
+    lines: list[str] = []
+    ok, worst = True, ("", 0, 0.0)
+    for name, per_rank in got.grads.items():
+        want = ref.grads[name][0]
+        for r, g in enumerate(per_rank):
+            err = (g - want).abs().max().item()
+            if err > worst[2]:
+                worst = (name, r, err)
+            if not torch.allclose(g, want, rtol=rtol, atol=atol):
+                ok = False
+    loss_err = 0.0
+    for step, (ls, (want,)) in enumerate(zip(got.losses, ref.losses)):
+        for r, v in enumerate(ls):
+            err = abs(v - want)
+            loss_err = max(loss_err, err)
+            tol = atol + rtol * abs(want) if step == 0 else curve_tol
+            if err > tol:
+                ok = False
+                lines.append(f"step {step} rank {r}: loss {v:.6f} vs single device {want:.6f}")
+    lines.append(f"worst gradient error {worst[2]:.2e} in {worst[0] or '-'} on rank {worst[1]}; "
+                 f"worst loss error {loss_err:.2e}")
+    return Parity(ok, worst[0], worst[1], worst[2], loss_err, lines)
+
+
+def simulate(layout: Layout, *, steps: int = 1, check: bool = False, data: Batches | None = None,
+             lr: float = 3e-3, on_step: Callable[[int, list[float]], None] | None = None
+             ) -> tuple[TrainResult, Parity | None]:
+    """Simulate mode: every rank in this process; with ``check``, compare with one device."""
+    return _train_mode(layout, Mode.SIMULATE, steps=steps, check=check, data=data, lr=lr,
+                       on_step=on_step)
+
+
+def run(layout: Layout, *, steps: int = 1, check: bool = False, data: Batches | None = None,
+        lr: float = 3e-3, on_step: Callable[[int, list[float]], None] | None = None
+        ) -> tuple[TrainResult, Parity | None]:
+    """Run mode, inside a torchrun worker: this process is one rank."""
+    return _train_mode(layout, Mode.RUN, steps=steps, check=check, data=data, lr=lr,
+                       on_step=on_step)
+
+
+def _train_mode(layout: Layout, mode: Mode, *, steps: int, check: bool, data: Batches | None,
+                lr: float, on_step: Callable[[int, list[float]], None] | None
+                ) -> tuple[TrainResult, Parity | None]:
+    if layout.model.dry_only:
+        raise sl.ShardingError(
+            f"{layout.model.name} is too large to {mode.value} here (dry mode only): use "
+            f"'shardlang explain {layout.model.name} --mesh {layout.mesh}'"
+        )
+    model = layout.model.build(seed=layout.seed)
+    plan = layout.plan(model)
+    batch, seq = layout.shapes(model)
+    data = data or ArithmeticSequences(layout.model.vocab_size(model))
+    cfg = TrainConfig(steps=steps, batch=batch, seq=seq, lr=lr, seed=layout.seed,
+                      keep_grads=check)
+    with session(layout.mesh, mode) as sess:
+        result = train(model, plan, sess, data, cfg, on_step=on_step)
+    parity = check_parity(result, reference(layout.model.factory, data, cfg)) if check else None
+    return result, parity

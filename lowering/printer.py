@@ -1,0 +1,113 @@
+"""Rich rendering of plans and schedules. Formatting only: every number comes from
+records (:mod:`lowering.schedule`) or formulas (:mod:`lowering.analytic`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from lowering.analytic import AxisVolume
+from lowering.placements import describe
+from lowering.plan import Plan
+from lowering.schedule import RankSchedules, Record, totals
+
+__all__ = ["print_explain", "print_plan", "group_ranks", "human"]
+
+
+def human(n: float) -> str:
+    """Bytes in B/KiB/MiB/GiB with three significant figures."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def group_ranks(s: RankSchedules) -> list[tuple[list[int], list[Record]]]:
+    """Ranks whose schedules agree (op, axis, shape, dtype, phase, order), grouped."""
+    groups: dict[tuple, tuple[list[int], list[Record]]] = {}
+    for r, recs in s.ranks.items():
+        key = tuple((x.signature(), x.site) for x in recs)
+        groups.setdefault(key, ([], recs))[0].append(r)
+    return list(groups.values())
+
+
+def _ranks_label(ranks: Sequence[int]) -> str:
+    if len(ranks) > 2 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+def print_plan(plan: Plan, console: Console) -> None:
+    t = Table(title=f"Parameters on {plan.mesh!r}", title_justify="left")
+    for col in ("parameter", "shape", "logical axes", "spec", "placements", "role"):
+        t.add_column(col, overflow="fold")
+    for p in plan.params:
+        axes = "(none: replicated)" if p.axes is None else str(p.axes)
+        role = p.role.value + (f", fsdp dim {p.fsdp_dim}" if p.fsdp_dim is not None else "")
+        t.add_row(p.name, str(p.shape), axes, repr(p.spec), describe(p.placements, plan.mesh), role)
+    for alias, target in plan.aliases:
+        t.add_row(alias, "", "", "", f"= {target} (tied)", "")
+    console.print(t)
+
+
+def _schedule_table(title: str, recs: Sequence[Record], s: RankSchedules, rank: int) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("#", "phase", "site", "op", "axis", "group", "shape", "dtype", "bytes", "wire"):
+        t.add_column(col, justify="right" if col in ("#", "bytes", "wire") else "left",
+                     overflow="fold")
+    for x in recs:
+        j = x.json(s.mesh, rank)
+        t.add_row(str(x.index), x.phase.value, x.site, x.op.value, x.axis, str(j["group"]),
+                  str(list(x.shape)), x.dtype, human(x.bytes), human(x.wire_bytes))
+    return t
+
+
+def _totals_table(recs: Sequence[Record], analytic: dict[str, AxisVolume]) -> Table:
+    t = Table(title="Per-axis totals for one step on one rank: recorded vs analytic",
+              title_justify="left")
+    for col in ("axis", "collectives", "payload", "wire (recorded)", "wire (analytic)", "match",
+                "formula"):
+        t.add_column(col, overflow="fold")
+    rec = totals(recs)["axis"]
+    for axis in sorted(set(rec) | set(analytic)):
+        got = rec.get(axis, {"count": 0, "bytes": 0, "wire_bytes": 0.0})
+        want = analytic.get(axis)
+        if want is None:
+            t.add_row(axis, str(got["count"]), human(got["bytes"]), human(got["wire_bytes"]),
+                      "-", "-", "no formula for this axis")
+            continue
+        diff = got["wire_bytes"] - want.wire_bytes
+        match = "exact" if abs(diff) < 1e-6 else f"differs by {human(diff)}"
+        t.add_row(axis, str(got["count"]), human(got["bytes"]), human(got["wire_bytes"]),
+                  human(want.wire_bytes), match, want.formula)
+    return t
+
+
+def print_explain(s: RankSchedules, plan: Plan, analytic: dict[str, AxisVolume],
+                  console: Console, *, traced: Sequence[int] = (), verbose_terms: bool = False
+                  ) -> None:
+    console.print(f"[bold]{s.model['name']}[/] ({s.model['params']:,} parameters) on "
+                  f"[bold]{s.mesh!r}[/]: world size {s.mesh.size}")
+    print_plan(plan, console)
+    if traced and len(traced) < len(s.ranks):
+        console.print(f"traced rank(s) {list(traced)}; every rank runs the same SPMD program, "
+                      "so the others issue the same collectives over their own groups")
+    for ranks, recs in group_ranks(s):
+        title = f"Schedule of {_ranks_label(ranks)}: {len(recs)} collectives in one training step"
+        if len(ranks) > 1:
+            title += " (group columns for the first rank)"
+        console.print(_schedule_table(title, recs, s, ranks[0]))
+    first = next(iter(s.ranks.values()), [])
+    console.print(_totals_table(first, analytic))
+    if verbose_terms:
+        for vol in analytic.values():
+            t = Table(title=f"Analytic terms for {vol.axis}", title_justify="left")
+            for col in ("term", "op", "count", "payload", "wire"):
+                t.add_column(col)
+            for term in vol.terms:
+                t.add_row(term.what, term.op.value, str(term.count), human(term.payload),
+                          human(term.wire_bytes))
+            console.print(t)
