@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -178,8 +180,6 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) ->
 
 
 def _env_rank() -> int:
-    import os
-
     return int(os.environ.get("RANK", "0"))
 
 
@@ -194,6 +194,8 @@ class _quiet:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # DTensor's advice to flatten mesh dims for a 2-D loss all-reduce is noise here
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     # a pipe or a log file gets wide tables instead of rich's 80-column default
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
@@ -205,3 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except sl.ShardingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - one paragraph, never a raw traceback
+        if os.environ.get("SHARDLANG_DEBUG"):
+            raise
+        print(f"error: {args.command} {args.model} on --mesh {args.mesh} failed inside torch: "
+              f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
+              "(set SHARDLANG_DEBUG=1 for the traceback; please report it if the layout "
+              "passes 'shardlang explain')", file=sys.stderr)
+        return 3

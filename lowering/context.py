@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 
 import shardlang as sl
 from lowering.collectives import run_collective
-from lowering.placements import placements
+from lowering.placements import placements, relayout
 from lowering.plan import Plan
 from lowering.schedule import Recorder
 from lowering.shard_map import VaryingTracker, check_outputs, submesh
@@ -52,10 +52,7 @@ class DTensorContext:
     def _to_layout(self, x: torch.Tensor, pl: tuple[Placement, ...]) -> DTensor:
         if not isinstance(x, DTensor):
             return distribute_tensor(x, self.dmesh, pl, src_data_rank=None)
-        y = x if tuple(x.placements) == pl else x.redistribute(self.dmesh, pl)
-        # Pin the gradient to the same layout: a Partial gradient is summed here, once.
-        return DTensor.from_local(y.to_local(), self.dmesh, pl, run_check=False,
-                                  shape=y.shape, stride=y.stride())
+        return relayout(x, self.dmesh, pl)
 
     # -- the protocol ---------------------------------------------------------
     def constrain(self, x: torch.Tensor, axes: sl.Axes) -> torch.Tensor:

@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from lowering._torch import own_copy_per_rank
+from lowering.placements import relayout
 from lowering.plan import Plan
 from lowering.schedule import Phase, Recorder, site
 
@@ -58,7 +59,20 @@ def distribute_model(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> nn.Modu
     mod_names = {m: n for n, m in model.named_modules()}
     for mod, names in fsdp_owners.items():
         _gather_at_use(mod, mod_names[mod], names, dmesh)
+    for mod in mod_names:
+        if isinstance(mod, nn.Embedding) and isinstance(mod.weight, DTensor) and any(
+                isinstance(p, Shard) and p.dim == 0 for p in mod.weight.placements):
+            mod.register_forward_hook(_sum_vocab_parallel_lookup)
     return model
+
+
+def _sum_vocab_parallel_lookup(mod: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
+    """A vocab-parallel embedding's output is a masked partial sum: reduce it at once
+    (Megatron's one all-reduce), before a model can read it twice (a norm does)."""
+    if not isinstance(out, DTensor) or not any(p.is_partial() for p in out.placements):
+        return out
+    return relayout(out, out.device_mesh, [Replicate() if p.is_partial() else p
+                                          for p in out.placements])
 
 
 def _is_fsdp(plan: Plan, name: str) -> bool:

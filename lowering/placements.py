@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
 import shardlang as sl
 
-__all__ = ["tensor_axes", "placements", "fsdp_dim", "describe"]
+__all__ = ["tensor_axes", "placements", "fsdp_dim", "describe", "relayout"]
 
 
 def tensor_axes(mesh: sl.Mesh) -> tuple[str, ...]:
@@ -48,3 +49,13 @@ def fsdp_dim(spec: sl.P, shape: Sequence[int]) -> int | None:
 def describe(pl: Sequence[Placement], mesh: sl.Mesh) -> str:
     """``dp:Shard(0) tp:Replicate()``, for printing."""
     return " ".join(f"{a}:{p}" for a, p in zip(tensor_axes(mesh), pl)) or "(single device)"
+
+
+def relayout(x: DTensor, dmesh: DeviceMesh, pl: Sequence[Placement]) -> DTensor:
+    """Redistribute ``x`` to ``pl`` and pin its gradient to the same layout: a ``Partial``
+    gradient arriving here is summed here, once (Megatron's "f" in backward), instead
+    of travelling on to wherever DTensor would next need it."""
+    pl = tuple(pl)
+    y = x if tuple(x.placements) == pl else x.redistribute(dmesh, pl)
+    return DTensor.from_local(y.to_local(), dmesh, pl, run_check=False,
+                              shape=y.shape, stride=y.stride())

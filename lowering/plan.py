@@ -7,7 +7,6 @@ plan by dry, simulate or run mode (:mod:`lowering.modes`).
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -16,16 +15,11 @@ from torch import nn
 from torch.distributed.tensor import Placement
 
 import shardlang as sl
+from lowering.checks import check_activations
 from lowering.placements import fsdp_dim, placements, tensor_axes
 from lowering.tensor import Role, tp_role
 
 __all__ = ["ParamPlan", "Plan", "Options", "lower"]
-
-
-class Schedule(enum.Enum):
-    GPIPE = "gpipe"
-    ONE_F_ONE_B = "1f1b"
-    INTERLEAVED = "interleaved"
 
 
 @dataclass(frozen=True)
@@ -115,6 +109,8 @@ def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = Fals
     rules.check_names(_used_names(model) | set(extra_names))
     options = Options(fsdp=fsdp, batch=batch, seq=seq)
     _check_options(mesh, options)
+    if batch is not None and seq is not None:
+        check_activations(model, mesh, rules, batch=batch, seq=seq)
     modules = dict(model.named_modules())
     first: dict[int, str] = {}
     plans: list[ParamPlan] = []

@@ -124,7 +124,7 @@ def check_divisible(shape: Iterable[int], axes: Axes, spec: P, mesh: Mesh, *,
     load-balanced sequence chunks).
     """
     for dim, size in enumerate(shape):
-        mesh_axes = spec.axes_of(dim)
+        mesh_axes = tuple(a for a in spec.axes_of(dim) if mesh.axis_size(a) > 1)
         n = 1
         for a in mesh_axes:
             n *= mesh.axis_size(a)

@@ -1,0 +1,75 @@
+"""The tutorials run end to end on CPU, and print the lesson's key results."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def run_tutorial(name: str) -> str:
+    """Run ``tutorials/NAME`` as a script from the repository root; return its stdout."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tutorials" / name)], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return ANSI.sub("", proc.stdout)
+
+
+def test_01_sharded_matmul() -> None:
+    out = run_tutorial("01_sharded_matmul.py")
+    for label in ("case 1", "case 2", "case 2 + all_gather", "case 3", "case 3 + psum_scatter",
+                  "case 3 on tp=4", "case 4", "case 2 backward", "case 3 backward",
+                  "case 1 backward"):
+        assert f"\n{label}: result matches x @ w (max error" in out, label
+    # the collective each case needs (and cases 1, 2 and 4 need none)
+    assert out.count("collectives: none") == 3
+    assert "collectives: forward all_gather over tp" in out
+    assert out.count("collectives: forward all_reduce over tp") == 3  # case 3, tp=4, backward
+    assert "collectives: forward reduce_scatter over tp" in out
+    assert "collectives: backward all_reduce over tp" in out
+    assert "collectives: backward all_reduce over dp" in out
+    # specs derived from the rules
+    assert "x (8, 16): logical axes ('batch', 'k') -> spec P(None, 'tp')" in out
+    assert "w (16, 12): logical axes ('k', 'n') -> spec P(None, 'tp')" in out
+    assert "placements (Shard(dim=0), Shard(dim=1))" in out
+    assert "each of the 4 ranks holds its (4, 6) block of y" in out
+    # the forgotten psum is caught
+    assert "ShardingError: shard_map(matmul) output 0 varies over mesh axis 'tp'" in out
+    # wire bytes by the ring formulas
+    assert "wire bytes: all-reduce 384 B, reduce-scatter 192 B (50%)" in out
+    assert "tp=4: payload 384 B, 2*(4-1)/4*384 = 576 B, recorded 576 B" in out
+    # backward: Megatron's f and g
+    assert "backward all-reduces over tp: 1, of shape [8, 16] = the shape of x [8, 16]" in out
+    assert "psum: 1 forward and 0 backward collectives" in out
+
+
+def test_02_data_and_tensor_parallel() -> None:
+    out = run_tutorial("02_data_and_tensor_parallel.py")
+    assert "gpt-tiny: 216,192 parameters = 864,768 B in fp32" in out
+    # (a) DP
+    assert "placements of the 44 parameters: {'(Replicate(),)': 44}" in out
+    assert "44 gradient all-reduces over dp (phase: backward), payloads sum to 864,768 B" in out
+    assert "= 216,192 parameters * 4 B = 864,768 B: equal" in out
+    # (b) TP
+    assert re.search(r"blocks\.0\.attn\.q\.weight .* column-parallel", out)
+    assert re.search(r"blocks\.0\.mlp\.down\.weight .* row-parallel", out)
+    for i in range(4):
+        assert (f"blocks.{i}: 2 forward + 2 backward all-reduces over tp, payload {{65536}} B "
+                "= b*s*h*4") in out
+    # (c) FSDP
+    assert "1 all-gather forward, 1 all-gather backward, 1 reduce-scatter: yes" in out
+    assert "3(n-1)/n * psi = 3*1/2 * 930,304 = 1,395,456 B; recorded 1,395,456 B" in out
+    # recorded vs analytic wire bytes: dp (a), tp (b), dp (c), dp and tp (d)
+    assert out.count("-> exact") == 5 and "MISMATCH" not in out
+    # (d) DP x TP: every rank has the same loss each step, and matches one device
+    steps = re.findall(r"step (\d): loss per rank ([\d.]+), \2, \2, \2\n", out)
+    assert [s for s, _ in steps] == ["0", "1", "2"]
+    assert "every one of the 4 ranks matches the single-device model" in out
