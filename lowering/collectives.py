@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 
 import shardlang as sl
 from lowering._torch import funcol, per_rank
-from lowering.schedule import Op, Recorder
+from lowering.schedule import Op, Recorder, logical
 
 __all__ = ["run_collective"]
 
@@ -85,7 +85,9 @@ def run_collective(comm: sl.Comm, x: torch.Tensor, sub: DeviceMesh, *, dim: int 
     if comm is sl.Comm.PSUM:
         return _redistribute(x, sub, Partial(), Replicate())
     if comm is sl.Comm.ALL_GATHER:
-        return _redistribute(x, sub, Shard(norm(dim, "dim")), Replicate())
+        d = norm(dim, "dim")
+        with logical(Op.ALL_GATHER, [s * n if i == d else s for i, s in enumerate(x.shape)]):
+            return _redistribute(x, sub, Shard(d), Replicate())
     if comm is sl.Comm.PSUM_SCATTER:
         d = norm(dim, "dim")
         if x.shape[d] % n:
@@ -93,7 +95,8 @@ def run_collective(comm: sl.Comm, x: torch.Tensor, sub: DeviceMesh, *, dim: int 
                 f"sl.psum_scatter over {sub.mesh_dim_names[0]!r} (size {n}) needs dim {d} "
                 f"(size {x.shape[d]}) divisible by {n}"
             )
-        return _redistribute(x, sub, Partial(), Shard(d))
+        with logical(Op.REDUCE_SCATTER, x.shape):
+            return _redistribute(x, sub, Partial(), Shard(d))
     if comm is sl.Comm.ALL_TO_ALL:
         s, c = norm(split_dim, "split_dim"), norm(concat_dim, "concat_dim")
         if x.shape[s] % n:

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from lowering._torch import own_copy_per_rank
 from lowering.placements import relayout
 from lowering.plan import Plan
-from lowering.schedule import Phase, Recorder, site
+from lowering.schedule import Op, Phase, Recorder, logical, site
 
 __all__ = ["distribute_model", "sync_grads", "unique_params"]
 
@@ -99,7 +99,9 @@ class _Gather(torch.autograd.Function):
     def forward(ctx, p: DTensor, name: str, dmesh: DeviceMesh) -> DTensor:  # noqa: ANN001
         ctx.name, ctx.dmesh, ctx.pl = name, dmesh, tuple(p.placements)
         ctx.axes = tuple(dmesh.mesh_dim_names or ())
-        with torch.no_grad(), site(name):
+        full = _local_shape(p, _gathered(ctx.pl, ctx.axes))
+        ctx.full = full
+        with torch.no_grad(), site(name), logical(Op.ALL_GATHER, full):
             return p.redistribute(dmesh, _gathered(ctx.pl, ctx.axes))
 
     @staticmethod
@@ -109,7 +111,17 @@ class _Gather(torch.autograd.Function):
         with site(ctx.name):
             if list(g.placements) != want:
                 g = g.redistribute(ctx.dmesh, want)
-            return g.redistribute(ctx.dmesh, ctx.pl), None, None
+            with logical(Op.REDUCE_SCATTER, ctx.full):
+                return g.redistribute(ctx.dmesh, ctx.pl), None, None
+
+
+def _local_shape(p: DTensor, pl: Sequence[Placement]) -> list[int]:
+    """This rank's block shape of ``p`` under placements ``pl`` (even split)."""
+    shape = list(p.shape)
+    for mesh_dim, q in enumerate(pl):
+        if isinstance(q, Shard):
+            shape[q.dim] = -(-shape[q.dim] // p.device_mesh.size(mesh_dim))
+    return shape
 
 
 def _gather_at_use(mod: nn.Module, mod_name: str, names: list[str], dmesh: DeviceMesh) -> None:

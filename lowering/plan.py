@@ -127,7 +127,7 @@ def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = Fals
         owner = modules[name.rpartition(".")[0]]
         plans.append(ParamPlan(
             name=name, shape=tuple(p.shape), dtype=p.dtype, axes=axes, spec=spec,
-            placements=placements(spec, mesh, fsdp=fdim), role=tp_role(owner, spec, p.dim()),
+            placements=placements(spec, mesh, fsdp=fdim), role=tp_role(owner, spec, p.dim(), mesh),
             fsdp_dim=fdim,
         ))
     return Plan(mesh=mesh, rules=rules, options=options, params=tuple(plans),

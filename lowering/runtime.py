@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import enum
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -96,6 +97,7 @@ def session(mesh: sl.Mesh, mode: Mode, *, rank: int = 0) -> Iterator[Session]:
         return
     if not 0 <= rank < mesh.size:
         raise sl.ShardingError(f"--rank {rank} is outside {mesh!r} (ranks 0..{mesh.size - 1})")
+    hook = sys.excepthook  # init_process_group wraps it with a rank prefix each time
     init_fake(rank, mesh.size)
     try:
         if mode is Mode.SIMULATE:
@@ -105,3 +107,4 @@ def session(mesh: sl.Mesh, mode: Mode, *, rank: int = 0) -> Iterator[Session]:
             yield Session(mode, mesh, rank, "cpu", _device_mesh(mesh, "cpu"))
     finally:
         dist.destroy_process_group()
+        sys.excepthook = hook

@@ -23,7 +23,7 @@ from lowering._torch import ModTracker, in_backward
 
 __all__ = [
     "Phase", "Op", "Record", "Recorder", "RankSchedules", "wire_bytes", "schedule_json", "totals",
-    "site",
+    "site", "logical",
 ]
 
 
@@ -98,6 +98,13 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
 def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
@@ -118,7 +125,7 @@ class Recorder(TorchDispatchMode):
         self.group_axes = dict(group_axes)
         self.records: list[Record] = []
         self._tracker = ModTracker()
-        self._override: list[tuple[Op, str, int]] = []
+        self._override: list[tuple[Op, tuple[int, ...] | None, int]] = []
         self._site: list[str] = []
         self._phase: list[Phase] = []
 
@@ -146,10 +153,12 @@ class Recorder(TorchDispatchMode):
                 self._phase.pop()
 
     @contextlib.contextmanager
-    def explicit(self, op: Op, *, shift: int = 0) -> Iterator[None]:
+    def explicit(self, op: Op, *, shift: int = 0,
+                 shape: tuple[int, ...] | None = None) -> Iterator[None]:
         """Record the collectives issued in the block as ``op`` (e.g. a permute built
-        from an all-to-all)."""
-        self._override.append((op, "", shift))
+        from an all-to-all), with the logical ``shape`` of the payload where c10d's own
+        buffer differs (it gathers and scatters along dim 0 only)."""
+        self._override.append((op, shape, shift))
         try:
             yield
         finally:
@@ -199,7 +208,9 @@ class Recorder(TorchDispatchMode):
         }[name]
         shift = 0
         if self._override:
-            op, _, shift = self._override[-1]
+            op, logical, shift = self._override[-1]
+            if logical is not None and _numel(logical) * x.element_size() == nbytes:
+                shape = logical
         self.records.append(Record(
             index=len(self.records), phase=self.current_phase(), site=self.current_site(),
             op=op, axis=axis, shape=shape, dtype=_dtype(x), bytes=nbytes, group_size=n,
@@ -221,6 +232,16 @@ def site(name: str) -> Iterator[None]:
         yield
         return
     with _RECORDING[-1].site(name):
+        yield
+
+
+@contextlib.contextmanager
+def logical(op: Op, shape: Sequence[int]) -> Iterator[None]:
+    """Record the block's collective as ``op`` with this logical payload shape."""
+    if not _RECORDING:
+        yield
+        return
+    with _RECORDING[-1].explicit(op, shape=tuple(shape)):
         yield
 
 

@@ -32,10 +32,11 @@ class Role(enum.Enum):
     SHARDED = "sharded"
 
 
-def tp_role(owner: nn.Module, spec: sl.P, ndim: int) -> Role:
-    """The tensor-parallel role of a parameter of ``owner`` with this spec."""
-    if "tp" not in spec.mesh_axes:
-        return Role.REPLICATED if not spec.mesh_axes else Role.SHARDED
+def tp_role(owner: nn.Module, spec: sl.P, ndim: int, mesh: sl.Mesh) -> Role:
+    """The tensor-parallel role of a parameter of ``owner`` with this spec on ``mesh``."""
+    split = [a for a in spec.mesh_axes if mesh.axis_size(a) > 1]
+    if "tp" not in split:
+        return Role.REPLICATED if not split else Role.SHARDED
     tp_dim = spec.dim_of("tp")
     if isinstance(owner, nn.Embedding):
         return Role.VOCAB if tp_dim == 0 else Role.SHARDED
