@@ -19,7 +19,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 __all__ = [
     "funcol", "LocalTensor", "LocalTensorMode", "ModTracker", "implicit_replication",
     "loss_parallel", "in_backward", "rank_values", "local_tensor_mode", "init_fake", "per_rank",
-    "host_values", "own_copy_per_rank",
+    "host_values", "own_copy_per_rank", "forget_dtensor_caches",
 ]
 
 
@@ -59,6 +59,15 @@ def host_values() -> contextlib.AbstractContextManager:
     from torch.distributed._local_tensor import maybe_disable_local_tensor_mode
 
     return maybe_disable_local_tensor_mode()
+
+
+def forget_dtensor_caches() -> None:
+    """Drop DTensor's sharding-propagation caches. Their keys compare meshes by shape and
+    names only, so after a process group is torn down and another made (one session
+    after another in one process) a cached spec could still name the old groups."""
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()
 
 
 def init_fake(rank: int, world: int) -> None:

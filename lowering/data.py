@@ -99,7 +99,7 @@ class _Gather(torch.autograd.Function):
     def forward(ctx, p: DTensor, name: str, dmesh: DeviceMesh) -> DTensor:  # noqa: ANN001
         ctx.name, ctx.dmesh, ctx.pl = name, dmesh, tuple(p.placements)
         ctx.axes = tuple(dmesh.mesh_dim_names or ())
-        full = _local_shape(p, _gathered(ctx.pl, ctx.axes))
+        full = _gathered_shape(p, ctx.axes)
         ctx.full = full
         with torch.no_grad(), site(name), logical(Op.ALL_GATHER, full):
             return p.redistribute(dmesh, _gathered(ctx.pl, ctx.axes))
@@ -115,12 +115,15 @@ class _Gather(torch.autograd.Function):
                 return g.redistribute(ctx.dmesh, ctx.pl), None, None
 
 
-def _local_shape(p: DTensor, pl: Sequence[Placement]) -> list[int]:
-    """This rank's block shape of ``p`` under placements ``pl`` (even split)."""
+def _gathered_shape(p: DTensor, axes: tuple[str, ...]) -> list[int]:
+    """The block an FSDP gather produces on this rank: ``p``'s block under every axis but
+    dp, with the dp-sharded dim padded up to a multiple of dp (as c10d moves it)."""
     shape = list(p.shape)
-    for mesh_dim, q in enumerate(pl):
+    for mesh_dim, (a, q) in enumerate(zip(axes, p.placements)):
         if isinstance(q, Shard):
-            shape[q.dim] = -(-shape[q.dim] // p.device_mesh.size(mesh_dim))
+            n = p.device_mesh.size(mesh_dim)
+            chunk = -(-shape[q.dim] // n)
+            shape[q.dim] = chunk * n if a == "dp" else chunk
     return shape
 
 

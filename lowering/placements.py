@@ -35,13 +35,14 @@ def placements(spec: sl.P, mesh: sl.Mesh, *, fsdp: int | None = None) -> tuple[P
     return tuple(out)
 
 
-def fsdp_dim(spec: sl.P, shape: Sequence[int]) -> int | None:
-    """The dim FSDP shards over dp: the first dim no other mesh axis shards (dim 0 for
-    most weights), or None for a scalar or a tensor the spec already shards over dp."""
+def fsdp_dim(spec: sl.P, shape: Sequence[int], mesh: sl.Mesh) -> int | None:
+    """The dim FSDP shards over dp: the first dim no other mesh axis (of size > 1)
+    shards, dim 0 for most weights; None for a scalar or a tensor the spec already
+    shards over dp."""
     if "dp" in spec.mesh_axes or not shape:
         return None
     for d in range(len(shape)):
-        if not spec.axes_of(d):
+        if not any(mesh.axis_size(a) > 1 for a in spec.axes_of(d)):
             return d
     return 0
 

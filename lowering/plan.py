@@ -123,7 +123,7 @@ def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = Fals
         axes = sl.logical_axes(p)
         spec = rules.spec(axes, where=name) if axes else sl.P(*([None] * p.dim()))
         sl.rules.check_divisible(p.shape, axes or (), spec, mesh, where=name)
-        fdim = fsdp_dim(spec, p.shape) if fsdp and mesh.dp > 1 else None
+        fdim = fsdp_dim(spec, p.shape, mesh) if fsdp and mesh.dp > 1 else None
         owner = modules[name.rpartition(".")[0]]
         plans.append(ParamPlan(
             name=name, shape=tuple(p.shape), dtype=p.dtype, axes=axes, spec=spec,

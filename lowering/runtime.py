@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 import shardlang as sl
-from lowering._torch import init_fake, local_tensor_mode
+from lowering._torch import forget_dtensor_caches, init_fake, local_tensor_mode
 from lowering.placements import tensor_axes
 
 __all__ = ["Mode", "Session", "session", "device_and_backend", "under_torchrun"]
@@ -77,6 +77,7 @@ def session(mesh: sl.Mesh, mode: Mode, *, rank: int = 0) -> Iterator[Session]:
             f"a {mode.value} session needs its own process group, but one is already "
             "initialized in this process; call lowering from a fresh process"
         )
+    forget_dtensor_caches()
     if mode is Mode.RUN:
         device, backend = device_and_backend()
         world = int(os.environ.get("WORLD_SIZE", "1"))
