@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=600,
                    help="seconds before a launch is stopped (default 600)")
     r.add_argument("--schedule-json", metavar="FILE",
-                   help="write rank 0's recorded schedule (JSON) to FILE")
+                   help="write rank 0's recorded schedule (explain --json schema) and its "
+                        "loss per step to FILE")
     return parser
 
 
@@ -170,8 +171,10 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) ->
         from lowering.schedule import RankSchedules
 
         sched = RankSchedules(layout.mesh, {"name": layout.model.name}, {0: result.records})
+        out = schedule_json(sched)
+        out["losses"] = [step[0] for step in result.losses]  # rank 0's loss per step
         with open(args.schedule_json, "w") as f:
-            json.dump(schedule_json(sched), f)
+            json.dump(out, f)
     code = _report(parity, console) if parity is not None and not parity.ok else 0
     if rank0 and parity is not None:
         code = _report(parity, console)
