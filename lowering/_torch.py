@@ -19,7 +19,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 __all__ = [
     "funcol", "LocalTensor", "LocalTensorMode", "ModTracker", "implicit_replication",
     "loss_parallel", "in_backward", "rank_values", "local_tensor_mode", "init_fake", "per_rank",
-    "host_values", "own_copy_per_rank", "forget_dtensor_caches",
+    "host_values", "own_copy_per_rank", "forget_dtensor_caches", "rank_index",
 ]
 
 
@@ -81,3 +81,9 @@ def per_rank(func):  # noqa: ANN001, ANN201
     from torch.distributed._local_tensor import maybe_run_for_local_tensor
 
     return maybe_run_for_local_tensor(func)
+
+
+def rank_index(sub) -> torch.Tensor:  # noqa: ANN001
+    """This rank's index in a one-dimensional mesh, as a 0-d tensor (one value per
+    simulated rank in simulate mode)."""
+    return per_rank(lambda r: torch.tensor(int(r)))(sub.get_local_rank())

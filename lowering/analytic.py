@@ -1,31 +1,41 @@
 """Analytic communication volume per mesh axis, from the plan alone (never from records).
 
-Per rank, per training step, S = payload bytes; the ring formulas of
-:func:`lowering.schedule.wire_bytes`:
+Per rank, per training step, S = payload bytes, with the ring formulas of
+:func:`lowering.schedule.wire_bytes`. The terms:
 
-* dp: one all-reduce of every gradient replicated over dp: 2(n-1)/n * sum(local bytes).
-* FSDP: all-gather forward + all-gather backward + reduce-scatter = 3(n-1)/n * psi, psi
-  the bytes of every parameter use (a tied parameter counts once per module that
-  uses it), each padded up to a multiple of n along its sharded dim.
+* gradient all-reduce over every axis that splits the tokens (dp, ep, sp; tp under
+  Megatron-SP) for each parameter replicated over it: 2(n-1)/n * local bytes.
+* FSDP (dp): all-gather forward + all-gather backward + reduce-scatter = 3(n-1)/n * psi,
+  psi the bytes of every parameter use (a tied parameter counts once per module that
+  uses it), padded up to a multiple of n along its sharded dim.
 * tp (Megatron): per row-parallel linear one all-reduce of its output (b, s, out)
-  forward and one of its block's input backward; a vocab-parallel embedding adds one
-  forward all-reduce of (b, s, embed); a vocab-parallel head one backward all-reduce of
-  its input; the vocab-parallel loss three forward all-reduces of (b*s) fp32 values
-  (max, sum of exponentials, target logit).
+  forward and one of its block's input backward; with Megatron-SP (norm_seq on tp) the
+  same volume as a reduce-scatter + all-gather pair each way. A vocab-parallel
+  embedding adds one forward all-reduce of (b, s, embed), a vocab-parallel head one
+  backward all-reduce of its input (an all-gather + reduce-scatter under SP), the
+  vocab-parallel loss three forward all-reduces of b*s fp32 values.
+* sp (ring attention): per attention call n-1 permutes of the K/V block forward and
+  n-1 backward, each 2 * b * (heads/tp) * (seq/n) * head_dim * 4 bytes.
+* ep (MoE): per MoE layer 2 all-to-alls forward (dispatch, combine) and 2 backward of
+  the layer's dispatch buffer (experts x capacity x embed).
 """
 
 from __future__ import annotations
 
+import collections
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from lowering.plan import ParamPlan, Plan
-from lowering.schedule import Op, wire_bytes
+from lowering.schedule import Op, Record, wire_bytes
 from lowering.tensor import Role
 
-__all__ = ["Term", "AxisVolume", "analytic_volume"]
+__all__ = ["Term", "AxisVolume", "analytic_volume", "unexplained"]
+
+_F32 = 4
 
 
 @dataclass(frozen=True)
@@ -68,23 +78,26 @@ class AxisVolume:
         }
 
 
-def _local_numel(p: ParamPlan, plan: Plan, *, skip: str) -> int:
-    """Elements of this rank's block, counting every mesh axis but ``skip``; a dim
-    sharded over ``skip`` (FSDP) is padded up to a multiple of its size."""
+def _entry_axes(plan: Plan, logical: str) -> set[str]:
+    e = plan.rules.mesh_entry(logical)
+    axes = (e,) if isinstance(e, str) else (e or ())
+    return {a for a in axes if plan.mesh.axis_size(a) > 1}
+
+
+def _local_numel(p: ParamPlan, plan: Plan, *, gathered: bool) -> int:
+    """Elements of rank 0's block of ``p``. ``gathered``: as FSDP's all-gather produces it
+    (dp gathered, its dim padded up to a multiple of dp); else as stored."""
     n = 1
     for d, size in enumerate(p.shape):
-        axes = [a for a in p.spec.axes_of(d) if a != skip]
-        split = math.prod(plan.mesh.axis_size(a) for a in axes)
-        size //= split
+        size //= math.prod(plan.mesh.axis_size(a) for a in p.spec.axes_of(d))
         if d == p.fsdp_dim:
-            k = plan.mesh.axis_size(skip)
-            size = -(-size // k) * k
+            k = plan.mesh.dp
+            size = -(-size // k) * k if gathered else -(-size // k)
         n *= size
     return n
 
 
 def _uses(model: nn.Module) -> dict[str, int]:
-    """How many modules hold each parameter (by its first name)."""
     first: dict[int, str] = {}
     count: dict[str, int] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -93,77 +106,167 @@ def _uses(model: nn.Module) -> dict[str, int]:
     return count
 
 
-def _dp(plan: Plan, model: nn.Module) -> AxisVolume | None:
-    n = plan.mesh.dp
-    if n == 1:
-        return None
-    if not plan.options.fsdp:
-        vol = AxisVolume("dp", "DDP: 2(n-1)/n * sum of gradient bytes (one all-reduce each)")
-        for p in plan.params:
-            if "dp" not in p.spec.mesh_axes:
-                vol.terms.append(Term(f"grad {p.name}", Op.ALL_REDUCE, 1,
-                                      _local_numel(p, plan, skip="dp") * p.dtype.itemsize, n))
-        return vol
-    vol = AxisVolume("dp", "FSDP: 3(n-1)/n * psi (gather fwd, gather bwd, reduce-scatter)")
-    uses = _uses(model)
+def _grad_sync(plan: Plan, model: nn.Module, axis: str, why: str) -> list[Term]:
+    """Under FSDP each module that gathers a parameter reduces its own gradient, so a
+    tied parameter is reduced once per use."""
+    n, uses = plan.mesh.axis_size(axis), _uses(model)
+    return [Term(f"grad {p.name} ({why})", Op.ALL_REDUCE,
+                 uses.get(p.name, 1) if p.fsdp_dim is not None else 1,
+                 _local_numel(p, plan, gathered=False) * p.dtype.itemsize, n)
+            for p in plan.params
+            if axis not in p.spec.mesh_axes and not (axis == "dp" and p.fsdp_dim is not None)]
+
+
+def _fsdp(plan: Plan, model: nn.Module) -> list[Term]:
+    n, uses, terms = plan.mesh.dp, _uses(model), []
     for p in plan.params:
-        nbytes = _local_numel(p, plan, skip="dp") * p.dtype.itemsize
         if p.fsdp_dim is None:
-            vol.terms.append(Term(f"grad {p.name} (not sharded)", Op.ALL_REDUCE, 1, nbytes, n))
             continue
+        nbytes = _local_numel(p, plan, gathered=True) * p.dtype.itemsize
         k = uses.get(p.name, 1)
         tied = f" (tied: used by {k} modules)" if k > 1 else ""
         pad = nbytes - p.nbytes // math.prod(
             plan.mesh.axis_size(a) for a in p.spec.mesh_axes if a != "dp")
         padded = f" (+{pad} B padding)" if pad else ""
-        vol.terms.append(Term(f"gather {p.name}{tied}{padded}", Op.ALL_GATHER, 2 * k, nbytes, n))
-        vol.terms.append(Term(f"reduce-scatter {p.name}{tied}", Op.REDUCE_SCATTER, k, nbytes, n))
-    return vol
+        terms.append(Term(f"gather {p.name}{tied}{padded}", Op.ALL_GATHER, 2 * k, nbytes, n))
+        terms.append(Term(f"reduce-scatter {p.name}{tied}", Op.REDUCE_SCATTER, k, nbytes, n))
+    return terms
 
 
-def _tp(plan: Plan, model: nn.Module, b: int, s: int) -> AxisVolume | None:
+def _pair(what: str, payload: int, n: int, sp: bool, fwd_gather: bool) -> list[Term]:
+    """One Megatron conversion each way: an all-reduce, or under SP the gather/scatter."""
+    if not sp:
+        return [Term(what, Op.ALL_REDUCE, 1, payload, n)]
+    first, second = (Op.ALL_GATHER, Op.REDUCE_SCATTER) if fwd_gather else (
+        Op.REDUCE_SCATTER, Op.ALL_GATHER)
+    return [Term(f"{what} fwd", first, 1, payload, n), Term(f"{what} bwd", second, 1, payload, n)]
+
+
+def _tp(plan: Plan, model: nn.Module, b: int, s: int) -> list[Term]:
     n = plan.mesh.tp
-    if n == 1:
-        return None
-    vol = AxisVolume("tp", "Megatron: per row-parallel linear 1 all-reduce of (b, s, out) "
-                           "forward + 1 backward; embedding, head and loss terms as listed")
-    itemsize = 4
-    modules = dict(model.named_modules())
-    for name, mod in modules.items():
+    sp = "tp" in _entry_axes(plan, "norm_seq")
+    plans = {p.name: p for p in plan.params}
+    aliases = dict(plan.aliases)
+    terms: list[Term] = []
+    for name, mod in model.named_modules():
         w = getattr(mod, "weight", None)
-        if w is None:
-            continue
-        pname = f"{name}.weight"
-        plans = {p.name: p for p in plan.params}
-        pp = plans.get(pname) or plans.get(dict(plan.aliases).get(pname, ""))
-        if pp is None or "tp" not in pp.spec.mesh_axes:
+        pp = plans.get(f"{name}.weight") or plans.get(aliases.get(f"{name}.weight", ""))
+        if w is None or pp is None or "tp" not in pp.spec.mesh_axes:
             continue
         if isinstance(mod, nn.Linear) and pp.spec.dim_of("tp") == 1:
-            payload = b * s * mod.out_features * itemsize
-            vol.terms.append(Term(f"{name} (row-parallel) fwd", Op.ALL_REDUCE, 1, payload, n))
-            vol.terms.append(Term(f"{name} block input bwd", Op.ALL_REDUCE, 1, payload, n))
+            payload = b * s * mod.out_features * _F32
+            if sp:
+                terms += _pair(f"{name} (row-parallel) output", payload, n, True, False)
+                terms += _pair(f"{name} block input", payload, n, True, True)
+            else:
+                terms.append(Term(f"{name} (row-parallel) output fwd", Op.ALL_REDUCE, 1, payload, n))
+                terms.append(Term(f"{name} block input bwd", Op.ALL_REDUCE, 1, payload, n))
         elif isinstance(mod, nn.Embedding) and pp.role is Role.VOCAB:
-            payload = b * s * mod.embedding_dim * itemsize
-            vol.terms.append(Term(f"{name} (vocab-parallel embedding) fwd", Op.ALL_REDUCE, 1,
-                                  payload, n))
-        elif isinstance(mod, nn.Linear) and _is_head(mod, pp):
-            vol.terms.append(Term(f"{name} (vocab-parallel head) input bwd", Op.ALL_REDUCE, 1,
-                                  b * s * mod.in_features * itemsize, n))
-            vol.terms.append(Term("vocab-parallel loss: max, sum-exp, target logit", Op.ALL_REDUCE,
-                                  3, b * s * itemsize, n))
-    return vol
+            terms.append(Term(f"{name} (vocab-parallel embedding) fwd", Op.ALL_REDUCE, 1,
+                              b * s * mod.embedding_dim * _F32, n))
+        elif (isinstance(mod, nn.Linear) and pp.spec.dim_of("tp") == 0 and pp.axes
+              and pp.axes[0] == "vocab"):
+            terms += _pair(f"{name} (vocab-parallel head) input", b * s * mod.in_features * _F32,
+                           n, sp, True) if sp else [
+                Term(f"{name} (vocab-parallel head) input bwd", Op.ALL_REDUCE, 1,
+                     b * s * mod.in_features * _F32, n)]
+            terms.append(Term("vocab-parallel loss: max, sum-exp, target logit", Op.ALL_REDUCE,
+                              3, b * s * _F32, n))
+    if sp:
+        terms += _grad_sync(plan, model, "tp", "Megatron-SP: tokens split over tp")
+    return terms
 
 
-def _is_head(mod: nn.Linear, p: ParamPlan) -> bool:
-    return p.spec.dim_of("tp") == 0 and p.axes is not None and p.axes[0] == "vocab"
+def _sp(plan: Plan, b_shards: int) -> list[Term]:
+    n = plan.mesh.sp
+    terms = []
+    for i, (B, H, S, D) in enumerate(plan.trace.attention):
+        payload = 2 * (B // b_shards) * (H // plan.mesh.tp) * (S // n) * D * _F32
+        terms.append(Term(f"attention {i}: K/V ring fwd", Op.PERMUTE, n - 1, payload, n))
+        terms.append(Term(f"attention {i}: K/V ring bwd", Op.PERMUTE, n - 1, payload, n))
+    return terms
+
+
+def _moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that say how much their expert dispatch moves (``all_to_all_payload``)."""
+    return [(n, m) for n, m in model.named_modules() if callable(getattr(m, "all_to_all_payload", None))]
+
+
+def _ep(plan: Plan, model: nn.Module, tokens: int) -> list[Term]:
+    terms = []
+    for name, mod in _moe_layers(model):
+        payload = int(mod.all_to_all_payload(tokens))  # type: ignore[operator]
+        terms.append(Term(f"{name}: dispatch + combine fwd", Op.ALL_TO_ALL, 2, payload,
+                          plan.mesh.ep))
+        terms.append(Term(f"{name}: dispatch + combine bwd", Op.ALL_TO_ALL, 2, payload,
+                          plan.mesh.ep))
+    return terms
+
+
+def _moe_extra(plan: Plan, model: nn.Module, axis: str, tokens: int, token_axes: set[str]) -> list[Term]:
+    """Routing statistics (one psum per token axis) and, with experts split over tp, the
+    row-parallel psum of each expert's output forward and its input's cotangent backward."""
+    n, terms = plan.mesh.axis_size(axis), []
+    for name, mod in _moe_layers(model):
+        stats = getattr(mod, "statistics_payload", None)
+        if axis in token_axes and callable(stats):
+            terms.append(Term(f"{name}: routing statistics", Op.ALL_REDUCE, 1, int(stats()), n))
+        if axis == "tp" and any(mesh_axis == "tp" for p in plan.params
+                                if p.name.startswith(f"{name}.") for mesh_axis in p.spec.mesh_axes):
+            payload = int(mod.all_to_all_payload(tokens))  # type: ignore[operator]
+            terms.append(Term(f"{name}: experts' row-parallel output fwd", Op.ALL_REDUCE, 1, payload, n))
+            terms.append(Term(f"{name}: experts' input bwd", Op.ALL_REDUCE, 1, payload, n))
+    return terms
+
+
+_FORMULAS = {
+    "dp": "gradient all-reduce 2(n-1)/n per replicated parameter; FSDP 3(n-1)/n * psi",
+    "ep": "MoE dispatch + combine all-to-alls (n-1)/n each way; dense gradient all-reduce",
+    "sp": "ring attention: n-1 K/V permutes each way per attention; gradient all-reduce",
+    "tp": "Megatron: 2 all-reduces (or AG+RS under SP) per row-parallel linear; "
+          "embedding, head and loss terms",
+}
 
 
 def analytic_volume(plan: Plan, model: nn.Module, *, batch: int, seq: int) -> dict[str, AxisVolume]:
     """The formula volume per mesh axis for one training step on one rank."""
-    b = batch // (plan.mesh.dp * plan.mesh.ep)
-    s = seq // plan.mesh.sp
-    out = {}
-    for vol in (_dp(plan, model), _tp(plan, model, b, s)):
-        if vol is not None:
-            out[vol.axis] = vol
+    mesh = plan.mesh
+    batch_axes, seq_axes = _entry_axes(plan, "batch"), _entry_axes(plan, "seq")
+    b_shards = math.prod(mesh.axis_size(a) for a in batch_axes)
+    b, s = batch // b_shards, seq // math.prod(mesh.axis_size(a) for a in seq_axes)
+    out: dict[str, AxisVolume] = {}
+    for axis in ("dp", "ep", "sp", "tp"):
+        if mesh.axis_size(axis) == 1:
+            continue
+        vol = AxisVolume(axis, _FORMULAS[axis])
+        splits_tokens = axis in batch_axes or axis in seq_axes
+        if axis == "dp" and plan.options.fsdp:
+            vol.terms += _fsdp(plan, model)
+        if splits_tokens:
+            vol.terms += _grad_sync(plan, model, axis, "tokens split over " + axis)
+        if axis == "tp":
+            vol.terms += _tp(plan, model, b, s)
+        if axis == "sp":
+            vol.terms += _sp(plan, b_shards)
+        if axis == "ep":
+            vol.terms += _ep(plan, model, b * s)
+        vol.terms += _moe_extra(plan, model, axis, b * s, batch_axes | seq_axes)
+        out[axis] = vol
     return out
+
+
+def unexplained(records: Sequence[Record], volumes: dict[str, AxisVolume]) -> list[Record]:
+    """Recorded collectives that no formula term accounts for (matched by axis, op and
+    payload), so a difference between recorded and analytic totals is never silent."""
+    budget: collections.Counter[tuple[str, Op, int]] = collections.Counter()
+    for axis, vol in volumes.items():
+        for t in vol.terms:
+            budget[(axis, t.op, t.payload)] += t.count
+    left = []
+    for r in records:
+        key = (r.axis, r.op, r.bytes)
+        if budget[key] > 0:
+            budget[key] -= 1
+        else:
+            left.append(r)
+    return left

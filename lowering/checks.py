@@ -10,6 +10,7 @@ module, and costs no memory.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch.func import functional_call
 import shardlang as sl
 from lowering._torch import ModTracker
 
-__all__ = ["check_activations"]
+__all__ = ["ShapeTrace", "check_activations"]
 
 
 class _ShapeCheck:
@@ -27,14 +28,21 @@ class _ShapeCheck:
 
     def __init__(self, mesh: sl.Mesh, rules: sl.Rules, tracker: ModTracker) -> None:
         self.mesh, self.rules, self.tracker = mesh, rules, tracker
+        self.names: set[str] = set()  # logical axes the model's activations use
+        self.attention_shapes: list[tuple[int, ...]] = []  # global q shape per attention call
+        self.shard_map_modules: set[str] = set()  # modules whose forward runs a shard_map
 
-    def _where(self, what: str) -> str:
+    def _module(self) -> str:
         names = [p for p in self.tracker.parents if p != "Global"]
         deepest = max(names, key=lambda p: (p.count("."), len(p))) if names else ""
-        return f"{what} in {deepest.partition('.')[2] or 'the model'}"
+        return deepest.partition(".")[2]
+
+    def _where(self, what: str) -> str:
+        return f"{what} in {self._module() or 'the model'}"
 
     def _check(self, x: torch.Tensor, axes: sl.Axes, what: str) -> None:
         where = self._where(what)
+        self.names.update(a for a in axes if a)
         spec = self.rules.spec(axes, where=where)
         sl.rules.check_divisible(x.shape, axes, spec, self.mesh, where=where)
 
@@ -45,11 +53,13 @@ class _ShapeCheck:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                   causal: bool, scale: float | None) -> torch.Tensor:
         self._check(q, ("batch", "heads", "seq", None), "attention")
+        self.attention_shapes.append(tuple(q.shape))
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
     def shard_map(self, fn: Callable[..., object], in_axes: Sequence[sl.Axes | None],
                   out_axes: object, args: tuple[object, ...]) -> object:
         name = getattr(fn, "__name__", "fn")
+        self.shard_map_modules.add(self._module())
         for i, (a, axes) in enumerate(zip(args, in_axes)):
             if axes is not None and isinstance(a, torch.Tensor) and len(axes) == a.dim():
                 self._check(a, tuple(axes), f"shard_map({name}) argument {i}")
@@ -58,9 +68,24 @@ class _ShapeCheck:
     def collective(self, comm: sl.Comm, x: torch.Tensor, axis: str, **kw: int) -> torch.Tensor:
         return x
 
+    def axis_index(self, axis: str) -> torch.Tensor:
+        return torch.tensor(0)
+
+    def positions(self, n: int, device: torch.device | str | None) -> torch.Tensor:
+        return torch.arange(n, device=device)
+
+
+@dataclass(frozen=True)
+class ShapeTrace:
+    """What one forward on meta tensors saw: activation logical axes, attention shapes."""
+
+    names: frozenset[str] = frozenset()
+    attention: tuple[tuple[int, ...], ...] = ()
+    shard_map_modules: frozenset[str] = frozenset()
+
 
 def check_activations(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, batch: int,
-                      seq: int) -> None:
+                      seq: int) -> ShapeTrace:
     """Raise the first ShardingError a (batch, seq) step would hit; ignore anything else
     (a model that cannot run on meta tensors is checked later, by the dry trace)."""
     params = {n: torch.empty_like(p, device="meta")
@@ -68,10 +93,13 @@ def check_activations(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, batch
     buffers = {n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()}
     idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     tracker = ModTracker()
+    check = _ShapeCheck(mesh, rules, tracker)
     try:
-        with tracker, sl.activate(_ShapeCheck(mesh, rules, tracker)), torch.no_grad():
+        with tracker, sl.activate(check), torch.no_grad():
             functional_call(model, {**params, **buffers}, (idx,), tie_weights=True)
     except sl.ShardingError:
         raise
     except Exception:  # noqa: BLE001 - reported by the dry trace with full context
-        return
+        pass
+    return ShapeTrace(frozenset(check.names), tuple(check.attention_shapes),
+                      frozenset(check.shard_map_modules))

@@ -34,6 +34,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="logical=mesh overrides on the default rules, e.g. batch=dp,heads=tp "
                         "('+' joins mesh axes: batch=dp+ep; 'none' replicates)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters over dp (FSDP)")
+    p.add_argument("--load-balance", action="store_true",
+                   help="load-balanced causal sequence sharding: sp rank r holds chunks r and "
+                        "2*sp-1-r (seq divisible by 2*sp)")
     p.add_argument("--batch", type=int, help="global batch size (default: the preset's, else 8)")
     p.add_argument("--seq", type=int, help="sequence length (default: the preset's, else 32)")
     p.add_argument("--seed", type=int, default=0, help="model init and data seed")
@@ -93,7 +96,7 @@ def _layout(args: argparse.Namespace) -> Layout:
         raise sl.ShardingError(
             f"--microbatches {args.microbatches} needs a pipeline (pp > 1 in --mesh)")
     return Layout(resolve(args.model), mesh, rules, fsdp=args.fsdp, batch=args.batch,
-                  seq=args.seq, seed=args.seed)
+                  seq=args.seq, seed=args.seed, load_balance=args.load_balance)
 
 
 def _data(args: argparse.Namespace) -> Batches | None:

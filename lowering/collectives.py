@@ -1,15 +1,16 @@
 """The explicit collectives of ``sl.shard_map``, on each rank's local block.
 
-Each is a DTensor redistribution on the one-dimensional sub-mesh of its mesh axis, so
-its forward and backward are DTensor's (and rank-dependent slicing works in simulate
-mode), except ``ppermute``, which is an all-to-all with one non-empty block:
+psum, all_gather and psum_scatter are DTensor redistributions on the one-dimensional
+sub-mesh of their mesh axis, so forward and backward are DTensor's (and rank-dependent
+slicing works in simulate mode); all_to_all is one ``all_to_all_single`` and ppermute an
+all-to-all with one non-empty block, each in an autograd Function:
 
 | call          | forward               | backward                         |
 |---------------|-----------------------|----------------------------------|
 | psum          | Partial -> Replicate  | identity (result is replicated)  |
 | all_gather    | Shard(d) -> Replicate | keep own block (no communication)|
 | psum_scatter  | Partial -> Shard(d)   | all-gather                       |
-| all_to_all    | Shard(c) -> Shard(s)  | all-to-all back                  |
+| all_to_all    | all_to_all_single     | all-to-all back                  |
 | ppermute      | send to i+shift       | permute by -shift                |
 """
 
@@ -36,6 +37,39 @@ def _redistribute(x: torch.Tensor, sub: DeviceMesh, src: Placement, dst: Placeme
     return d.redistribute(sub, [dst]).to_local()
 
 
+def _all_to_all(x: torch.Tensor, sub: DeviceMesh, s: int, c: int,
+                recorder: Recorder | None) -> torch.Tensor:
+    """One all_to_all_single: block j of ``x`` along ``s`` goes to rank j; the blocks that
+    arrive are concatenated along ``c`` in source-rank order. (A DTensor Shard -> Shard
+    redistribution would do the same, but on CPU process groups torch falls back to an
+    all-gather and a slice, which moves n times the bytes.)"""
+    n = sub.size()
+    xs = x.movedim(s, 0).contiguous()                  # (S, *rest): rows for rank j in block j
+    if recorder is None:
+        out = funcol.all_to_all_single(xs, None, None, sub.get_group())
+    else:
+        with recorder.explicit(Op.ALL_TO_ALL, shape=tuple(x.shape)):
+            out = funcol.all_to_all_single(xs, None, None, sub.get_group())
+    out = funcol.wait_tensor(out)
+    blocks = out.unflatten(0, (n, xs.shape[0] // n))   # (n, S/n, *rest): block i from rank i
+    blocks = blocks.movedim(1, s + 1)                  # (n, *x.shape with dim s = S/n)
+    return blocks.movedim(0, c).flatten(c, c + 1)      # concatenated along c
+
+
+class _AllToAll(torch.autograd.Function):
+    """Forward: all-to-all (split ``s``, concatenate ``c``). Backward: the inverse."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sub: DeviceMesh, s: int, c: int,  # noqa: ANN001
+                recorder: Recorder | None) -> torch.Tensor:
+        ctx.sub, ctx.s, ctx.c, ctx.recorder = sub, s, c, recorder
+        return _all_to_all(x, sub, s, c, recorder)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # noqa: ANN001, ANN205
+        return _all_to_all(g.contiguous(), ctx.sub, ctx.c, ctx.s, ctx.recorder), None, None, None, None
+
+
 class _PPermute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, sub: DeviceMesh, shift: int,  # noqa: ANN001
@@ -51,13 +85,13 @@ class _PPermute(torch.autograd.Function):
 def _permute(x: torch.Tensor, sub: DeviceMesh, shift: int, recorder: Recorder | None) -> torch.Tensor:
     n, rows = sub.size(), x.shape[0]
 
-    @per_rank
-    def splits(me: int) -> tuple[list[int], list[int]]:
-        send = [rows if j == (me + shift) % n else 0 for j in range(n)]
-        recv = [rows if j == (me - shift) % n else 0 for j in range(n)]
-        return recv, send
+    me = sub.get_local_rank()  # one value per simulated rank in simulate mode
 
-    recv, send = splits(sub.get_local_rank())
+    def split(peer_offset: int, j: int) -> int:
+        return per_rank(lambda r: rows if j == (int(r) + peer_offset) % n else 0)(me)
+
+    send = [split(shift, j) for j in range(n)]   # my rows go to rank me + shift
+    recv = [split(-shift, j) for j in range(n)]  # rank me - shift's rows come to me
     group = sub.get_group()
     if recorder is None:
         out = funcol.all_to_all_single(x.contiguous(), recv, send, group)
@@ -104,18 +138,7 @@ def run_collective(comm: sl.Comm, x: torch.Tensor, sub: DeviceMesh, *, dim: int 
                 f"sl.all_to_all over {sub.mesh_dim_names[0]!r} (size {n}) needs split_dim {s} "
                 f"(size {x.shape[s]}) divisible by {n}"
             )
-        if s == c:
-            return _same_dim_all_to_all(x, sub, s)
-        return _redistribute(x, sub, Shard(c), Shard(s))
+        return _AllToAll.apply(x, sub, s, c, recorder)
     if comm is sl.Comm.PPERMUTE:
         return _PPermute.apply(x, sub, shift % n, recorder)
     raise AssertionError(f"unhandled collective {comm}")
-
-
-def _same_dim_all_to_all(x: torch.Tensor, sub: DeviceMesh, d: int) -> torch.Tensor:
-    # split and concatenate along one dim: view it as (n, rest) and swap the block dim
-    n = sub.size()
-    shape = list(x.shape)
-    blocks = x.unflatten(d, (n, shape[d] // n))            # (..., n, k, ...)
-    out = _redistribute(blocks, sub, Shard(d + 1), Shard(d))  # a real all-to-all
-    return out.flatten(d, d + 1)

@@ -12,10 +12,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 
 import shardlang as sl
+from lowering._torch import rank_index
 from lowering.collectives import run_collective
 from lowering.placements import placements, relayout
 from lowering.plan import Plan
 from lowering.schedule import Recorder
+from lowering.sequence import load_balanced_order, ring_attention
 from lowering.shard_map import VaryingTracker, check_outputs, submesh
 
 __all__ = ["DTensorContext"]
@@ -66,29 +68,62 @@ class DTensorContext:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                   causal: bool, scale: float | None) -> torch.Tensor:
-        spec, _ = self.layout(q.shape, _ATTN_AXES, "attention")
+        spec = self._attention_spec(q)
         seq_axes = [a for a in spec.axes_of(2) if self.mesh.axis_size(a) > 1]
-        if seq_axes:
+        if not seq_axes:
+            def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+            return self._shard_map_specs(local_attention, [spec] * 3, [spec], (q, k, v))
+        axis = seq_axes[0]
+        n, balanced = self.mesh.axis_size(axis), self.plan.options.load_balance
+
+        def ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return ring_attention(q, k, v, axis=axis, n=n, causal=causal, scale=scale,
+                                  balanced=balanced)
+
+        return self._shard_map_specs(ring, [spec] * 3, [spec], (q, k, v))
+
+    def _attention_spec(self, q: torch.Tensor) -> sl.P:
+        """(batch, heads, seq, None), with the sequence split over one mesh axis at most
+        and never over an axis batch or heads already use (Megatron-SP gathers the
+        sequence before attention: heads take tp)."""
+        where = f"attention in {self.site()}"
+        entries = [self.rules.mesh_entry(a) for a in ("batch", "heads")]
+        used = {a for e in entries for a in ((e,) if isinstance(e, str) else (e or ()))}
+        seq = self.rules.mesh_entry("seq")
+        seq_axes = tuple(a for a in ((seq,) if isinstance(seq, str) else (seq or ()))
+                         if a not in used and self.mesh.axis_size(a) > 1)
+        if len(seq_axes) > 1:
             raise sl.ShardingError(
-                f"attention in {self.site()}: the sequence dim is sharded over "
-                f"{tuple(seq_axes)} but ring attention is not lowered yet; map 'seq' to None"
+                f"{where}: the sequence is split over {seq_axes}; ring attention runs over "
+                "one mesh axis: map 'seq' to one of them"
             )
+        spec = sl.P(entries[0], entries[1], seq_axes[0] if seq_axes else None, None, where=where)
+        even = {2: 2} if seq_axes and self.plan.options.load_balance else None
+        sl.rules.check_divisible(q.shape, _ATTN_AXES, spec, self.mesh, where=where, even=even)
+        return spec
 
-        def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    def axis_index(self, axis: str) -> torch.Tensor:
+        sub = submesh(self.dmesh, axis)
+        if sub is None:
+            return torch.tensor(0)
+        idx = rank_index(sub)
+        return idx if self.tracker is None else self.tracker.mark(idx, frozenset({axis}))
 
-        return self.shard_map(local_attention, (_ATTN_AXES,) * 3, _ATTN_AXES, (q, k, v))
+    def positions(self, n: int, device: torch.device | str | None) -> torch.Tensor:
+        sp = self.mesh.sp
+        if self.plan.options.load_balance and sp > 1 and n % (2 * sp) == 0:
+            return load_balanced_order(n, sp).to(device)
+        return torch.arange(n, device=device)
 
     def shard_map(self, fn: Callable[..., object], in_axes: Sequence[sl.Axes | None],
                   out_axes: object, args: tuple[object, ...]) -> object:
         name = getattr(fn, "__name__", "fn")
-        if self.tracker is not None:
-            raise sl.ShardingError(f"shard_map({name}) inside another shard_map region")
-        tracker = VaryingTracker(self._psum_cotangent)
-        local_args: list[object] = []
+        in_specs: list[sl.P | None] = []
         for i, (a, axes) in enumerate(zip(args, in_axes)):
             if axes is None:
-                local_args.append(a)
+                in_specs.append(None)
                 continue
             if not isinstance(a, torch.Tensor) or len(axes) != a.dim():
                 raise sl.ShardingError(
@@ -96,8 +131,27 @@ class DTensorContext:
                     f"with {len(axes)} dims, got "
                     f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}"
                 )
-            spec, pl = self.layout(a.shape, tuple(axes), f"shard_map({name}) argument {i}")
-            local = self._to_layout(a, pl).to_local()
+            in_specs.append(self.layout(a.shape, tuple(axes), f"shard_map({name}) argument {i}")[0])
+        single = not (isinstance(out_axes, (tuple, list)) and out_axes
+                      and all(isinstance(e, (tuple, list)) for e in out_axes))
+        axes_list = [out_axes] if single else list(out_axes)  # type: ignore[arg-type]
+        out_specs = [self.rules.spec(tuple(ax), where=f"shard_map({name}) output")  # type: ignore[arg-type]
+                     for ax in axes_list]
+        return self._shard_map_specs(fn, in_specs, out_specs, args, single=single)
+
+    def _shard_map_specs(self, fn: Callable[..., object], in_specs: Sequence[sl.P | None],
+                         out_specs: Sequence[sl.P], args: tuple[object, ...], *,
+                         single: bool = True) -> object:
+        name = getattr(fn, "__name__", "fn")
+        if self.tracker is not None:
+            raise sl.ShardingError(f"shard_map({name}) inside another shard_map region")
+        tracker = VaryingTracker(self._psum_cotangent)
+        local_args: list[object] = []
+        for a, spec in zip(args, in_specs):
+            if spec is None:
+                local_args.append(a)
+                continue
+            local = self._to_layout(a, placements(spec, self.mesh)).to_local()  # type: ignore[arg-type]
             local_args.append(tracker.mark(local, frozenset(spec.mesh_axes)))
         self.tracker = tracker
         try:
@@ -105,33 +159,26 @@ class DTensorContext:
                 out = fn(*local_args)
         finally:
             self.tracker = None
-        return self._outputs(out, out_axes, tracker, name)
-
-    def _outputs(self, out: object, out_axes: object, tracker: VaryingTracker, name: str) -> object:
-        single = isinstance(out, torch.Tensor)
-        outs = (out,) if single else tuple(out)  # type: ignore[arg-type]
-        axes_list = (out_axes,) if single else tuple(out_axes)  # type: ignore[arg-type]
-        if len(outs) != len(axes_list) or not all(isinstance(o, torch.Tensor) for o in outs):
+        outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)  # type: ignore[arg-type]
+        if len(outs) != len(out_specs) or not all(isinstance(o, torch.Tensor) for o in outs) or (
+                single and not isinstance(out, torch.Tensor)):
             raise sl.ShardingError(
                 f"shard_map({name}) returned {len(outs)} value(s) but out_axes describe "
-                f"{len(axes_list)}; return tensors, one per out_axes entry"
+                f"{len(out_specs)}; return tensors, one per out_axes entry"
             )
-        specs, result = [], []
-        for o, axes in zip(outs, axes_list):
-            axes = tuple(axes)  # type: ignore[arg-type]
-            if len(axes) != o.dim():
+        result = []
+        for o, spec in zip(outs, out_specs):
+            if len(spec) != o.dim():
                 raise sl.ShardingError(
                     f"shard_map({name}) output of local shape {tuple(o.shape)} has {o.dim()} "
-                    f"dims but out_axes {axes} has {len(axes)}"
+                    f"dims but its out_axes have {len(spec)}"
                 )
-            spec = self.rules.spec(axes, where=f"shard_map({name}) output")
-            specs.append(spec)
             shape = [s * _prod(self.mesh.axis_size(a) for a in spec.axes_of(d))
                      for d, s in enumerate(o.shape)]
             result.append(DTensor.from_local(
                 o, self.dmesh, placements(spec, self.mesh), run_check=False,
                 shape=torch.Size(shape), stride=_stride(shape)))
-        check_outputs(outs, specs, tracker, self.mesh.shape, name)
+        check_outputs(outs, out_specs, tracker, self.mesh.shape, name)
         return result[0] if single else tuple(result)
 
     def collective(self, comm: sl.Comm, x: torch.Tensor, axis: str, **kw: int) -> torch.Tensor:

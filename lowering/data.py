@@ -106,13 +106,8 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: DTensor):  # noqa: ANN001, ANN205
-        target = _gathered(ctx.pl, ctx.axes)
-        want = [gp if a == "dp" else t for a, gp, t in zip(ctx.axes, g.placements, target)]
-        with site(ctx.name):
-            if list(g.placements) != want:
-                g = g.redistribute(ctx.dmesh, want)
-            with logical(Op.REDUCE_SCATTER, ctx.full):
-                return g.redistribute(ctx.dmesh, ctx.pl), None, None
+        with site(ctx.name), logical(Op.REDUCE_SCATTER, ctx.full):
+            return reduce_grad(g, ctx.dmesh, ctx.pl), None, None
 
 
 def _gathered_shape(p: DTensor, axes: tuple[str, ...]) -> list[int]:
@@ -149,6 +144,27 @@ def _gather_at_use(mod: nn.Module, mod_name: str, names: list[str], dmesh: Devic
     mod.forward = forward  # type: ignore[method-assign]
 
 
+def reduce_grad(g: DTensor, dmesh: DeviceMesh, target: Sequence[Placement]) -> DTensor:
+    """Bring a gradient to its parameter's placements, slicing before reducing: where
+    the gradient is replicated but the parameter sharded (an embedding's backward
+    yields a tp-replicated gradient), take this rank's block first (no communication),
+    so the all-reduce or reduce-scatter over dp moves only that block."""
+    target = tuple(target)
+    sliced = [t if isinstance(t, Shard) and p.is_replicate() else p
+              for p, t in zip(g.placements, target)]
+    if tuple(sliced) != tuple(g.placements):
+        g = g.redistribute(dmesh, sliced)
+    # then one mesh dim at a time, deterministic and one collective each: reduce-scatter
+    # where the parameter is sharded (smaller blocks first), all-reduce where replicated
+    for want_shard in (True, False):
+        for d, (have, want) in enumerate(zip(g.placements, target)):
+            if have.is_partial() and isinstance(want, Shard) == want_shard:
+                step = list(g.placements)
+                step[d] = want
+                g = g.redistribute(dmesh, step)
+    return g if tuple(g.placements) == target else g.redistribute(dmesh, target)
+
+
 def sync_grads(model: nn.Module, plan: Plan, dmesh: DeviceMesh, recorder: Recorder | None) -> None:
     """Bring every gradient to its parameter's placements (DDP's all-reduce over dp)."""
     for name, p in reversed(list(unique_params(model))):
@@ -156,8 +172,8 @@ def sync_grads(model: nn.Module, plan: Plan, dmesh: DeviceMesh, recorder: Record
         if not isinstance(g, DTensor) or tuple(g.placements) == tuple(p.placements):
             continue
         if recorder is None:
-            p.grad = g.redistribute(dmesh, p.placements)
+            p.grad = reduce_grad(g, dmesh, p.placements)
             continue
         with recorder.site(name, Phase.BACKWARD):
-            p.grad = g.redistribute(dmesh, p.placements)
+            p.grad = reduce_grad(g, dmesh, p.placements)
 

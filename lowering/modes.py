@@ -36,13 +36,15 @@ class Layout:
     batch: int | None = None
     seq: int | None = None
     seed: int = 0
+    load_balance: bool = False
 
     def shapes(self, model: torch.nn.Module) -> tuple[int, int]:
         return self.batch or self.model.batch, self.seq or self.model.default_seq(model)
 
     def plan(self, model: torch.nn.Module) -> Plan:
         batch, seq = self.shapes(model)
-        return lower(model, self.mesh, self.rules, fsdp=self.fsdp, batch=batch, seq=seq)
+        return lower(model, self.mesh, self.rules, fsdp=self.fsdp, batch=batch, seq=seq,
+                     load_balance=self.load_balance)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
 import shardlang as sl
 
@@ -55,8 +55,16 @@ def describe(pl: Sequence[Placement], mesh: sl.Mesh) -> str:
 def relayout(x: DTensor, dmesh: DeviceMesh, pl: Sequence[Placement]) -> DTensor:
     """Redistribute ``x`` to ``pl`` and pin its gradient to the same layout: a ``Partial``
     gradient arriving here is summed here, once (Megatron's "f" in backward), instead
-    of travelling on to wherever DTensor would next need it."""
+    of travelling on to wherever DTensor would next need it.
+
+    Where the forward gathers (``Shard`` -> ``Replicate``, Megatron-SP's all-gather before
+    a column-parallel linear), a ``Partial`` gradient is left partial so the gather's
+    own backward reduce-scatters it: a reduce-scatter, not an all-reduce and a slice.
+    """
     pl = tuple(pl)
-    y = x if tuple(x.placements) == pl else x.redistribute(dmesh, pl)
-    return DTensor.from_local(y.to_local(), dmesh, pl, run_check=False,
-                              shape=y.shape, stride=y.stride())
+    src = tuple(x.placements)
+    y = x if src == pl else x.redistribute(dmesh, pl)
+    grad_pl = tuple(Partial() if isinstance(s, Shard) and d.is_replicate() else d
+                    for s, d in zip(src, pl))
+    return DTensor.from_local(y.to_local(grad_placements=grad_pl), dmesh, pl, run_check=False,
+                              shape=y.shape, stride=y.stride(), grad_placements=grad_pl)

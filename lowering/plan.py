@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.tensor import Placement
 
 import shardlang as sl
-from lowering.checks import check_activations
+from lowering.checks import ShapeTrace, check_activations
 from lowering.placements import fsdp_dim, placements, tensor_axes
 from lowering.tensor import Role, tp_role
 
@@ -29,6 +29,7 @@ class Options:
     fsdp: bool = False
     batch: int | None = None
     seq: int | None = None
+    load_balance: bool = False  # causal sequence chunks r and 2n-1-r on sp rank r
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Plan:
     options: Options
     params: tuple[ParamPlan, ...]
     aliases: tuple[tuple[str, str], ...]  # (tied name, name it shares storage with)
+    trace: ShapeTrace = ShapeTrace()      # what the meta shape check saw (needs batch, seq)
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -84,10 +86,13 @@ def _check_options(mesh: sl.Mesh, options: Options) -> None:
     if options.batch is not None:
         sl.rules.check_divisible((options.batch,), ("batch",), sl.P(("dp", "ep")), mesh,
                                  where="the input batch")
+    if options.load_balance and options.seq is not None and mesh.sp > 1:
+        sl.rules.check_divisible((options.seq,), ("seq",), sl.P("sp"), mesh,
+                                 where="the sequence (load-balanced: 2*sp chunks)", even={0: 2})
 
 
 def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = False,
-          batch: int | None = None, seq: int | None = None,
+          batch: int | None = None, seq: int | None = None, load_balance: bool = False,
           extra_names: Iterable[str] = ()) -> Plan:
     """Validate a layout and derive every parameter's placements.
 
@@ -106,11 +111,12 @@ def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = Fals
         raise sl.ShardingError(
             f"{mesh!r}: pipeline parallelism (pp) is not lowered yet; use pp=1"
         )
-    rules.check_names(_used_names(model) | set(extra_names))
-    options = Options(fsdp=fsdp, batch=batch, seq=seq)
+    options = Options(fsdp=fsdp, batch=batch, seq=seq, load_balance=load_balance)
     _check_options(mesh, options)
+    trace = ShapeTrace()
     if batch is not None and seq is not None:
-        check_activations(model, mesh, rules, batch=batch, seq=seq)
+        trace = check_activations(model, mesh, rules, batch=batch, seq=seq)
+    rules.check_names(_used_names(model) | set(extra_names) | trace.names)
     modules = dict(model.named_modules())
     first: dict[int, str] = {}
     plans: list[ParamPlan] = []
@@ -123,12 +129,16 @@ def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = Fals
         axes = sl.logical_axes(p)
         spec = rules.spec(axes, where=name) if axes else sl.P(*([None] * p.dim()))
         sl.rules.check_divisible(p.shape, axes or (), spec, mesh, where=name)
-        fdim = fsdp_dim(spec, p.shape, mesh) if fsdp and mesh.dp > 1 else None
-        owner = modules[name.rpartition(".")[0]]
+        owner_name = name.rpartition(".")[0]
+        # FSDP re-gathers by recomputing the owning module in backward; a module that runs
+        # a shard_map would replay its collectives, so its parameters stay unsharded over dp
+        fdim = (fsdp_dim(spec, p.shape, mesh)
+                if fsdp and mesh.dp > 1 and owner_name not in trace.shard_map_modules else None)
+        owner = modules[owner_name]
         plans.append(ParamPlan(
             name=name, shape=tuple(p.shape), dtype=p.dtype, axes=axes, spec=spec,
             placements=placements(spec, mesh, fsdp=fdim), role=tp_role(owner, spec, p.dim(), mesh),
             fsdp_dim=fdim,
         ))
     return Plan(mesh=mesh, rules=rules, options=options, params=tuple(plans),
-                aliases=tuple(aliases))
+                aliases=tuple(aliases), trace=trace)

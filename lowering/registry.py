@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,6 +86,8 @@ def resolve(text: str) -> ModelRef:
             "package.module:factory"
         )
     mod_name, _, attr = text.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `shardlang` finds your module the way `python -m` would
     try:
         module = importlib.import_module(mod_name)
     except ImportError as e:

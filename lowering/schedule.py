@@ -208,9 +208,11 @@ class Recorder(TorchDispatchMode):
         }[name]
         shift = 0
         if self._override:
-            op, logical, shift = self._override[-1]
-            if logical is not None and _numel(logical) * x.element_size() == nbytes:
-                shape = logical
+            want, logical, shift = self._override[-1]
+            if logical is None:
+                op = want  # a permute built from an all-to-all: relabel the op
+            elif want is op and _numel(logical) * x.element_size() == nbytes:
+                shape = logical  # the same collective, shown in its logical shape
         self.records.append(Record(
             index=len(self.records), phase=self.current_phase(), site=self.current_site(),
             op=op, axis=axis, shape=shape, dtype=_dtype(x), bytes=nbytes, group_size=n,

@@ -68,5 +68,7 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
             f"the model returned logits of shape {tuple(logits.shape)} for token ids of shape "
             f"{tuple(targets.shape)}; a model must map (batch, seq) ids to (batch, seq, vocab)"
         )
-    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(0, 1), reduction="sum")
+    # (batch, vocab, seq): the class dim second, batch and seq left unflattened, so a
+    # sequence-sharded tensor keeps plain Shard placements
+    total = F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum")
     return total / targets.numel()

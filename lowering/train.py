@@ -43,6 +43,7 @@ class TrainResult:
     losses: list[list[float]] = field(default_factory=list)  # [step][rank]
     records: list[Record] = field(default_factory=list)      # step 0, in issue order
     grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> per rank
+    metrics: list[dict[str, object]] = field(default_factory=list)  # [step] name -> rank 0's value
 
 
 def group_axes(sess: Session) -> dict[str, tuple[str, int]]:
@@ -85,6 +86,10 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
     for step in range(cfg.steps):
         with host_values():
             idx, tgt = data.batch(step, cfg.batch, cfg.seq)
+        if ctx is not None:  # load-balanced sequence sharding lays tokens out reordered
+            with host_values():
+                order = ctx.positions(idx.shape[1], None)
+                idx, tgt = idx[:, order], tgt[:, order]
         if dry:
             idx, tgt = idx.to("meta"), tgt.to("meta")
         rec = recorder if step == 0 else None
@@ -92,11 +97,14 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
             if ctx is not None:
                 idx = ctx.constrain(idx, ("batch", "seq"))
                 tgt = ctx.constrain(tgt, ("batch", "seq"))
-            logits = model(idx)
+            with sl.collecting() as reported:
+                logits = model(idx)
             with loss_scope(logits):
                 with (rec.site("loss") if rec else _null()):
                     loss = next_token_loss(logits, tgt)
-                loss.backward()
+                    aux = reported.total_aux()
+                    total = loss if aux is None else loss + aux
+                total.backward()
             if plan is not None and dmesh is not None:
                 sync_grads(model, plan, dmesh, rec)
         if step == 0 and cfg.keep_grads and not dry:
@@ -107,6 +115,8 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
             opt.zero_grad(set_to_none=True)
         if not dry:
             result.losses.append([float(v) for v in _values(loss, world)])
+            result.metrics.append({k: _values(v, world)[0].tolist()
+                                   for k, v in reported.metrics.items()})
             if on_step:
                 on_step(step, result.losses[-1])
     if recorder is not None:

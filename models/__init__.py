@@ -32,6 +32,13 @@ PRESETS: dict[str, Preset] = {
                "token embedding + 2 residual MLP blocks, width 64 (dp, tp)"),
         Preset("gpt-tiny", lambda: GPT(GPTConfig()),
                "nanoGPT decoder: 4 layers, width 64, 4 heads, seq 32, vocab 256"),
+        # capacity factor n_experts/top_k = 2: one slot per local token in every expert,
+        # and a token picks an expert at most once, so nothing drops on any layout
+        Preset("gpt-moe-tiny",
+               lambda: GPT(GPTConfig(n_experts=4, top_k=2, capacity_factor=2.0, moe_every=2)),
+               "gpt-tiny with a 4-expert top-2 MoE in every other block (1 and 3); capacity "
+               "factor 2.0 = n_experts/top_k gives each expert one slot per local token, so "
+               "no token drops on any layout"),
         Preset("gpt-7b",
                lambda: GPT(GPTConfig(vocab_size=32000, seq_len=2048, n_layer=32, n_head=32,
                                      n_embd=4096, mlp_hidden=11008, tie_weights=False,

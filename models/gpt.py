@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import shardlang as sl
+from models.moe import MoE
 
 __all__ = ["GPTConfig", "GPT", "Block", "Attention", "MLP"]
 
@@ -28,6 +29,11 @@ class GPTConfig:
     mlp_hidden: int | None = None  # overrides mlp_ratio (LLaMA-7B uses 11008)
     tie_weights: bool = True  # lm_head shares wte: both are (vocab, embed)
     gated: bool = False     # SwiGLU MLP (gate, up, down) as in LLaMA, instead of GELU
+    n_experts: int = 0      # 0: dense MLPs; > 0: a mixture of this many GELU experts (moe.py)
+    top_k: int = 2          # experts per token: 1 is Switch, 2 is GShard/Mixtral
+    capacity_factor: float = 1.25  # slots per expert = ceil(cf*k*tokens/n_experts); Switch's 1.25
+    moe_every: int = 2      # every 2nd block (1, 3, ...) is MoE, as in GShard and Switch
+    aux_weight: float = 0.01  # Switch's load-balancing coefficient: balances, barely moves the loss
 
     @property
     def hidden(self) -> int:
@@ -83,16 +89,23 @@ def _norm(e: int) -> nn.LayerNorm:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.ln1, self.attn = _norm(cfg.n_embd), Attention(cfg)
-        self.ln2, self.mlp = _norm(cfg.n_embd), MLP(cfg)
+        moe = cfg.n_experts > 0 and layer % cfg.moe_every == cfg.moe_every - 1
+        self.ln2 = _norm(cfg.n_embd)
+        self.mlp: nn.Module = MoE(cfg, layer) if moe else MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The residual stream and the norms live in the "norm_seq" region, the attention
+        # and MLP inputs in the "seq" region. Both map to sp by default; mapping norm_seq
+        # to tp as well is Megatron's sequence parallelism (all-gather in, reduce-scatter
+        # out, instead of one all-reduce).
+        res = ("batch", "norm_seq", "embed")
         act = ("batch", "seq", "embed")
         # One conversion point per block input: q, k and v share it (Megatron's "f").
-        x = sl.constrain(x + self.attn(sl.constrain(self.ln1(x), *act)), *act)
-        x = sl.constrain(x + self.mlp(sl.constrain(self.ln2(x), *act)), *act)
+        x = sl.constrain(x + sl.constrain(self.attn(sl.constrain(self.ln1(x), *act)), *res), *res)
+        x = sl.constrain(x + sl.constrain(self.mlp(sl.constrain(self.ln2(x), *act)), *res), *res)
         return x
 
 
@@ -106,7 +119,7 @@ class GPT(nn.Module):
         sl.axes(self.wte.weight, "vocab", "embed")
         self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd)
         sl.axes(self.wpe.weight, None, "embed")  # positions are global: every rank keeps all
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = _norm(cfg.n_embd)
         self.lm_head = _linear(cfg.n_embd, cfg.vocab_size, "vocab", "embed")
         if cfg.tie_weights:
@@ -121,9 +134,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, S = idx.shape
         idx = sl.constrain(idx, "batch", "seq")
-        pos = torch.arange(S, device=idx.device)                     # (S,)
-        tok = sl.constrain(self.wte(idx), "batch", "seq", "embed")  # (B, S, E): vocab-parallel sum
-        x = sl.constrain(tok + self.wpe(pos), "batch", "seq", "embed")  # (B, S, E)
+        pos = sl.positions(S, device=idx.device)  # (S,): 0..S-1, in the order the tokens are laid out
+        tok = sl.constrain(self.wte(idx), "batch", "norm_seq", "embed")  # (B, S, E): vocab-parallel sum
+        x = sl.constrain(tok + self.wpe(pos), "batch", "norm_seq", "embed")  # (B, S, E)
         for block in self.blocks:
             x = block(x)
         x = sl.constrain(self.ln_f(x), "batch", "seq", "embed")

@@ -9,8 +9,10 @@ from shardlang.annotate import annotate, axes, logical_axes
 from shardlang.context import Comm, LoweringContext, activate, active
 from shardlang.errors import ShardingError
 from shardlang.mesh import MESH_AXES, Mesh
+from shardlang.metrics import Collected, aux_loss, collecting, metric
 from shardlang.ops import (
-    all_gather, all_to_all, attention, constrain, ppermute, psum, psum_scatter, shard_map,
+    all_gather, all_to_all, attention, axis_index, constrain, positions, ppermute, psum,
+    psum_scatter, shard_map,
 )
 from shardlang.rules import LOGICAL_AXES, Axes, Rules
 from shardlang.spec import P
@@ -18,6 +20,8 @@ from shardlang.spec import P
 __all__ = [
     "MESH_AXES", "LOGICAL_AXES", "Axes", "Mesh", "P", "Rules", "ShardingError",
     "axes", "annotate", "logical_axes", "constrain", "attention", "shard_map",
+    "positions", "axis_index",
     "psum", "all_gather", "psum_scatter", "all_to_all", "ppermute",
     "Comm", "LoweringContext", "active", "activate",
+    "aux_loss", "metric", "collecting", "Collected",
 ]

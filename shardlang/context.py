@@ -47,6 +47,10 @@ class LoweringContext(Protocol):
     def collective(self, comm: Comm, x: torch.Tensor, axis: str, *, dim: int = 0,
                    split_dim: int = 0, concat_dim: int = 0, shift: int = 1) -> torch.Tensor: ...
 
+    def axis_index(self, axis: str) -> torch.Tensor: ...
+
+    def positions(self, n: int, device: torch.device | str | None) -> torch.Tensor: ...
+
 
 _ACTIVE: list[LoweringContext] = []
 

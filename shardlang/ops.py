@@ -20,7 +20,7 @@ from shardlang.mesh import check_mesh_axis
 from shardlang.rules import Axes
 
 __all__ = [
-    "constrain", "attention", "shard_map",
+    "constrain", "attention", "shard_map", "positions", "axis_index",
     "psum", "all_gather", "psum_scatter", "all_to_all", "ppermute",
 ]
 
@@ -106,6 +106,34 @@ def shard_map(fn: _F, *, in_axes: Sequence[Axes | None], out_axes: MapAxes) -> _
         return fn(*args) if ctx is None else ctx.shard_map(fn, in_axes, out_axes, args)
 
     return mapped  # type: ignore[return-value]
+
+
+def positions(n: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """The positions 0..n-1 of a sequence of length n, in the order its tokens are laid
+    out. On one device (and for contiguous sequence sharding) that is ``arange(n)``;
+    with load-balanced causal sharding the lowering reorders the tokens and this
+    returns the positions in that order. Use it for position embeddings and rotary.
+
+    Example:
+        >>> import shardlang as sl
+        >>> sl.positions(4).tolist()
+        [0, 1, 2, 3]
+    """
+    ctx = active()
+    if ctx is None:
+        return torch.arange(n, device=device)
+    return ctx.positions(n, device)
+
+
+def axis_index(axis: str) -> torch.Tensor:
+    """This rank's position along a mesh axis, as a 0-d integer tensor (local view).
+
+    On one device it is 0. Inside ``shard_map`` each rank gets its own value, so code
+    that depends on it (a causal mask across sequence blocks) stays one program.
+    """
+    check_mesh_axis(axis, where="sl.axis_index")
+    ctx = active()
+    return torch.tensor(0) if ctx is None else ctx.axis_index(axis)
 
 
 def _collective(comm: Comm, x: torch.Tensor, axis: str, **kw: int) -> torch.Tensor:

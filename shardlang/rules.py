@@ -14,6 +14,9 @@ __all__ = ["LOGICAL_AXES", "Rules", "Axes", "check_divisible"]
 #: The standard vocabulary of logical axes. Models may use other names too.
 LOGICAL_AXES: tuple[str, ...] = (
     "batch", "seq", "embed", "heads", "mlp", "vocab", "experts", "layers",
+    # the sequence dim in the residual stream and norms; "seq" is the attention and MLP
+    # inputs. Separate names make Megatron-style sequence parallelism a rules choice.
+    "norm_seq",
 )
 
 #: A tensor's logical axes: one name (or None) per dim.
@@ -61,9 +64,11 @@ class Rules:
         """The standard rules: every logical axis on its usual mesh axis.
 
         ``batch`` shards over (dp, ep): dense layers treat ep as more data parallelism.
+        Megatron-style sequence parallelism adds tp to ``norm_seq``
+        (``Rules.parse("norm_seq=sp+tp", base=Rules.default())``).
         """
-        return cls(batch=("dp", "ep"), seq="sp", heads="tp", mlp="tp", vocab="tp",
-                   experts="ep", layers="pp")
+        return cls(batch=("dp", "ep"), seq="sp", norm_seq="sp", heads="tp", mlp="tp",
+                   vocab="tp", experts="ep", layers="pp")
 
     @classmethod
     def parse(cls, text: str, *, base: Rules | None = None) -> Rules:

@@ -73,3 +73,31 @@ def test_02_data_and_tensor_parallel() -> None:
     steps = re.findall(r"step (\d): loss per rank ([\d.]+), \2, \2, \2\n", out)
     assert [s for s, _ in steps] == ["0", "1", "2"]
     assert "every one of the 4 ranks matches the single-device model" in out
+
+
+def test_04_expert_parallel_moe() -> None:
+    out = run_tutorial("04_expert_parallel_moe.py")
+    # (a) experts sharded over ep, the router replicated
+    assert re.search(r"blocks\.1\.mlp\.w_up +\(4, 64, 256\) +P\('ep', None, 'tp'\) +"
+                     r"\(Shard\(dim=0\),\)", out)
+    assert ("ep rank 1 holds experts [2, 3]: expert e lives on rank e // (n_experts/ep) = e // 2"
+            in out)
+    # (b) routing: each rank sends all its k*T = 256 choices somewhere; counts agree
+    sends = re.findall(r"rank (\d) -> rank 0: (\d+), rank 1: (\d+)", out)
+    assert [r for r, _, _ in sends] == ["0", "1"]
+    assert all(int(a) + int(b) == 256 for _, a, b in sends)
+    assert re.search(r"tokens per expert, from this routing: \[[\d, ]+\]; simulate\(ep=2\) "
+                     r"reports moe1.tokens_per_expert \[[\d, ]+\]: equal", out)
+    # (c) capacity: nothing drops at cf >= ... n_experts/k, and simulate agrees when it does
+    assert re.search(r"2\.0 \| T=128, C=128, dropped   0 .* T= 64, C= 64, dropped   0", out)
+    assert re.search(r"0\.5 \| T=128, C= 32, dropped 256 \(50\.0%\)", out)
+    assert len(re.findall(r"at cf=1\.0 reports moe1\.dropped = (\d+), computed here \1: equal",
+                          out)) == 2
+    # (d) the balance loss is global: equal on every layout; training matches one device
+    assert out.count("reports moe1.balance") == 2 and "DIFFERENT" not in out
+    assert len(re.findall(r"step \d: loss [\d.]+ on every one of the 4 ranks", out)) == 3
+    assert "ep=2 and dp=2 x ep=2 match the single-device model" in out
+    # (e) 2 + 2 all-to-alls per MoE layer, payload n_experts * C * width * 4
+    assert out.count("= 2 forward + 2 backward all-to-alls of 131,072 B") == 2
+    assert out.count("= 2 forward + 2 backward all-to-alls of 65,536 B") == 2
+    assert out.count("all-to-alls outside the MoE layers: 0") == 2
