@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -136,14 +137,24 @@ def _progress(steps: int, console: Console, label: str):  # noqa: ANN202
                         transient=True)
     task = progress.add_task(label, total=steps)
 
-    def on_step(step: int, losses: list[float]) -> None:
+    def on_step(step: int, losses: list[float], metrics: dict[str, object]) -> None:
         agree = max(losses) - min(losses) < 1e-6
         ranks = f"({len(losses)} ranks agree)" if agree and len(losses) > 1 else (
             f"(ranks differ: min {min(losses):.6f} max {max(losses):.6f})" if len(losses) > 1 else "")
         progress.console.print(f"step {step + 1:4d}/{steps}  loss {losses[0]:.4f} {ranks}")
+        for name, value in metrics.items():
+            progress.console.print(f"           {name} {_fmt(value)}")
         progress.advance(task)
 
     return progress, on_step
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
@@ -163,11 +174,9 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) ->
         explain(layout)  # validate the whole layout (dry trace) before starting processes
         console.print(f"launching torchrun: {layout.mesh.size} processes for {layout.mesh!r}")
         return launch_torchrun(layout.mesh.size, argv, timeout=args.timeout)
-    import torch.distributed as dist
-
     progress, on_step = _progress(args.steps, console, "run")
     rank0 = _env_rank() == 0
-    with progress if rank0 else _quiet():
+    with progress if rank0 else contextlib.nullcontext():
         result, parity = run(layout, steps=args.steps, check=args.check, data=_data(args),
                              lr=args.lr, on_step=on_step if rank0 else None)
     if args.schedule_json and rank0:
@@ -178,23 +187,13 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) ->
         out["losses"] = [step[0] for step in result.losses]  # rank 0's loss per step
         with open(args.schedule_json, "w") as f:
             json.dump(out, f)
-    code = _report(parity, console) if parity is not None and not parity.ok else 0
-    if rank0 and parity is not None:
-        code = _report(parity, console)
-    del dist
-    return code
+    if parity is None or (not rank0 and parity.ok):
+        return 0
+    return _report(parity, console)  # rank 0 always reports; another rank when it fails
 
 
 def _env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-class _quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

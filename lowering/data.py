@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 
@@ -22,7 +23,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
+import shardlang as sl
 from lowering._torch import own_copy_per_rank
+from lowering.linear import LocalLinear
 from lowering.placements import relayout
 from lowering.plan import Plan
 from lowering.schedule import Op, Phase, Recorder, logical, site
@@ -138,8 +141,16 @@ def _gather_at_use(mod: nn.Module, mod_name: str, names: list[str], dmesh: Devic
     def forward(*args: object, **kwargs: object) -> object:
         if not torch.is_grad_enabled():
             return run(*args, **kwargs)
-        # not keeping the gathered weights: backward re-runs `run`, gathering again
-        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+        ctx = sl.active()
+
+        def rerun(*a: object, **kw: object) -> object:
+            # backward recomputes outside the forward: re-enter the lowering context and the
+            # local linear, so the recomputed ops are the ones the forward ran
+            with (sl.activate(ctx) if ctx else contextlib.nullcontext()), LocalLinear():
+                return run(*a, **kw)
+
+        # not keeping the gathered weights: backward re-runs `rerun`, gathering again
+        return checkpoint(rerun, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
     mod.forward = forward  # type: ignore[method-assign]
 

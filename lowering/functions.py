@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 import shardlang as sl
 from lowering._torch import implicit_replication, rank_values
 from lowering.context import DTensorContext
+from lowering.linear import LocalLinear
 from lowering.plan import Options, Plan
 from lowering.runtime import Mode, session
 from lowering.schedule import RankSchedules, Record, Recorder
@@ -61,7 +62,7 @@ def trace_function(fn: Callable[..., torch.Tensor], args: Sequence[torch.Tensor]
         inputs = [a.to("meta") if dry else a for a in args]
         if backward:
             inputs = [a.detach().requires_grad_(a.is_floating_point()) for a in inputs]
-        with recorder.recording(), sl.activate(ctx), implicit_replication():
+        with recorder.recording(), sl.activate(ctx), implicit_replication(), LocalLinear():
             out = fn(*inputs)
             if backward:
                 out.sum().backward()

@@ -7,7 +7,7 @@ schedule for the same rank.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +18,7 @@ from lowering.plan import Plan, lower
 from lowering.registry import ModelRef
 from lowering.runtime import Mode, session
 from lowering.schedule import RankSchedules, Record
-from lowering.train import TrainConfig, TrainResult, reference, train
+from lowering.train import StepCallback, TrainConfig, TrainResult, reference, train
 from models.datasets import ArithmeticSequences, Batches
 
 __all__ = ["Layout", "Explained", "Parity", "explain", "simulate", "run", "check_parity",
@@ -139,7 +139,7 @@ def check_parity(got: TrainResult, ref: TrainResult, *, rtol: float = 1e-5,
 
 
 def simulate(layout: Layout, *, steps: int = 1, check: bool = False, data: Batches | None = None,
-             lr: float = 3e-3, on_step: Callable[[int, list[float]], None] | None = None
+             lr: float = 3e-3, on_step: StepCallback | None = None
              ) -> tuple[TrainResult, Parity | None]:
     """Simulate mode: every rank in this process; with ``check``, compare with one device."""
     return _train_mode(layout, Mode.SIMULATE, steps=steps, check=check, data=data, lr=lr,
@@ -147,7 +147,7 @@ def simulate(layout: Layout, *, steps: int = 1, check: bool = False, data: Batch
 
 
 def run(layout: Layout, *, steps: int = 1, check: bool = False, data: Batches | None = None,
-        lr: float = 3e-3, on_step: Callable[[int, list[float]], None] | None = None
+        lr: float = 3e-3, on_step: StepCallback | None = None
         ) -> tuple[TrainResult, Parity | None]:
     """Run mode, inside a torchrun worker: this process is one rank."""
     return _train_mode(layout, Mode.RUN, steps=steps, check=check, data=data, lr=lr,
@@ -155,7 +155,7 @@ def run(layout: Layout, *, steps: int = 1, check: bool = False, data: Batches | 
 
 
 def _train_mode(layout: Layout, mode: Mode, *, steps: int, check: bool, data: Batches | None,
-                lr: float, on_step: Callable[[int, list[float]], None] | None
+                lr: float, on_step: StepCallback | None
                 ) -> tuple[TrainResult, Parity | None]:
     if layout.model.dry_only:
         raise sl.ShardingError(

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from lowering.analytic import AxisVolume
+from lowering.analytic import AxisVolume, unexplained
+from lowering.sequence import causal_work
 from lowering.placements import describe
 from lowering.plan import Plan
 from lowering.schedule import RankSchedules, Record, totals
@@ -102,6 +103,12 @@ def print_explain(s: RankSchedules, plan: Plan, analytic: dict[str, AxisVolume],
         console.print(_schedule_table(title, recs, s, ranks[0]))
     first = next(iter(s.ranks.values()), [])
     console.print(_totals_table(first, analytic))
+    extra = unexplained(first, analytic)
+    if extra:
+        console.print(f"{len(extra)} recorded collective(s) that no formula term covers "
+                      "(the difference above, if any):")
+        console.print(_schedule_table("Not in the formulas", extra, s, next(iter(s.ranks))))
+    _print_sequence_work(plan, console)
     if verbose_terms:
         for vol in analytic.values():
             t = Table(title=f"Analytic terms for {vol.axis}", title_justify="left")
@@ -111,3 +118,21 @@ def print_explain(s: RankSchedules, plan: Plan, analytic: dict[str, AxisVolume],
                 t.add_row(term.what, term.op.value, str(term.count), human(term.payload),
                           human(term.wire_bytes))
             console.print(t)
+
+
+def _print_sequence_work(plan: Plan, console: Console) -> None:
+    """Causal ring attention: the useful (query, key) pairs each sp rank computes."""
+    n, seq = plan.mesh.sp, plan.options.seq
+    if n == 1 or not plan.trace.attention or seq is None:
+        return
+    balanced = plan.options.load_balance
+    work = causal_work(seq, n, balanced=balanced)
+    layout = "load-balanced (rank r: chunks r and 2n-1-r)" if balanced else "contiguous"
+    t = Table(title=f"Causal attention work per sp rank, {layout} sequence sharding",
+              title_justify="left")
+    t.add_column("sp rank")
+    t.add_column("unmasked (q, k) pairs")
+    t.add_column("vs the busiest")
+    for r, w in enumerate(work):
+        t.add_row(str(r), f"{w:,}", f"{w / max(work):.0%}")
+    console.print(t)

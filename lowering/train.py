@@ -19,13 +19,14 @@ import shardlang as sl
 from lowering._torch import host_values, implicit_replication, rank_values
 from lowering.context import DTensorContext
 from lowering.data import distribute_model, sync_grads, unique_params
+from lowering.linear import LocalLinear
 from lowering.plan import Plan
 from lowering.runtime import Mode, Session
 from lowering.schedule import Phase, Record, Recorder
 from lowering.tensor import loss_scope, next_token_loss
 from models.datasets import Batches
 
-__all__ = ["TrainConfig", "TrainResult", "train", "reference", "group_axes"]
+__all__ = ["TrainConfig", "TrainResult", "StepCallback", "train", "reference", "group_axes"]
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,11 @@ def build_model(factory: Callable[[], nn.Module], seed: int, *, meta: bool = Fal
     return factory()
 
 
+StepCallback = Callable[[int, list[float], dict[str, object]], None]
+
+
 def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batches,
-          cfg: TrainConfig, *, on_step: Callable[[int, list[float]], None] | None = None
-          ) -> TrainResult:
+          cfg: TrainConfig, *, on_step: StepCallback | None = None) -> TrainResult:
     """Train ``model`` under ``plan`` in ``sess`` (both None: the single-device reference)."""
     dmesh = sess.dmesh if sess else None
     # run mode: this process holds one rank's values; simulate: every rank's
@@ -118,7 +121,7 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
             result.metrics.append({k: _values(v, world)[0].tolist()
                                    for k, v in reported.metrics.items()})
             if on_step:
-                on_step(step, result.losses[-1])
+                on_step(step, result.losses[-1], result.metrics[-1])
     if recorder is not None:
         result.records = recorder.records
     return result
@@ -143,7 +146,7 @@ def _active(ctx: DTensorContext | None) -> Iterator[None]:
     if ctx is None:
         yield
         return
-    with sl.activate(ctx), implicit_replication():
+    with sl.activate(ctx), implicit_replication(), LocalLinear():
         yield
 
 

@@ -101,3 +101,37 @@ def test_04_expert_parallel_moe() -> None:
     assert out.count("= 2 forward + 2 backward all-to-alls of 131,072 B") == 2
     assert out.count("= 2 forward + 2 backward all-to-alls of 65,536 B") == 2
     assert out.count("all-to-alls outside the MoE layers: 0") == 2
+
+
+def test_03_sequence_parallel_ring_attention() -> None:
+    out = run_tutorial("03_sequence_parallel_ring_attention.py")
+    # (a) the ring, from real permutes: owner = (rank - step) mod n; causal visibility
+    assert "The traced function issued 3 permutes over sp for 4 steps (shift [1])." in out
+    assert "owner = (rank - step) mod 4 in every cell: yes" in out
+    assert re.search(r"0 \| K/V 0 diagonal +36 \| K/V 1 diagonal +36 \| K/V 2 diagonal +36 "
+                     r"\| K/V 3 diagonal +36", out)
+    assert re.search(r"3 \| K/V 1 masked +0 \| K/V 2 masked +0 \| K/V 3 masked +0 "
+                     r"\| K/V 0 full +64", out)
+    assert re.search(r"sum \| +36 \| +100 \| +164 \| +228\n", out)
+    # (b) ring attention equals SDPA; n-1 permutes each way of 2*b*h*(s/n)*d*4 bytes
+    err = re.search(r"ring attention matches scaled_dot_product_attention \(max error (\S+)\)",
+                    out)
+    assert err and float(err.group(1)) < 1e-5
+    for phase in ("forward", "backward"):
+        assert (f"{phase}: 3 permutes over sp of [4096] B; 2*b*h*(s/n)*d*4 = 2*2*4*8*8*4 "
+                "= 4096 B: equal") in out
+    # (c) load balancing evens the causal work; the model still matches one device
+    assert "rank 0: 36, rank 1: 100, rank 2: 164, rank 3: 228; max/min 6.33" in out
+    assert "rank 0: 132, rank 1: 132, rank 2: 132, rank 3: 132; max/min 1.00" in out
+    assert "rank 0: tokens 0-3 + 28-31" in out and "rank 3: tokens 12-15 + 16-19" in out
+    assert "same total work: 528 = 528: yes" in out
+    assert "gpt-tiny on Mesh(sp=2), load_balance=True: parity ok = True" in out
+    # (d) Megatron-SP: AG + RS instead of AR, same wire bytes, still exact
+    assert re.search(r"plain TP: norm_seq -> 'sp'; blocks.0 issues\n  forward  2 x all_reduce\n"
+                     r"  backward 2 x all_reduce\n", out)
+    assert re.search(r"Megatron-SP: norm_seq -> 'tp'; blocks.0 issues\n"
+                     r"  forward  2 x all_gather\n  forward  2 x reduce_scatter\n"
+                     r"  backward 2 x all_gather\n  backward 2 x reduce_scatter\n", out)
+    assert "blocks.0 wire bytes: plain TP 262,144 B, Megatron-SP 262,144 B: equal" in out
+    assert "gpt-tiny on Mesh(tp=2), Megatron-SP: parity ok = True" in out
+    assert "NOT EQUAL" not in out
