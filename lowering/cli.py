@@ -20,6 +20,7 @@ from lowering.printer import print_explain
 from lowering.registry import resolve
 from lowering.runtime import under_torchrun
 from lowering.schedule import schedule_json
+from models import PRESETS
 from models.datasets import Batches, ByteText
 
 __all__ = ["main", "build_parser"]
@@ -29,7 +30,7 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
-                   help="a preset (mlp, gpt-tiny, gpt-7b) or package.module:factory")
+                   help=f"a preset ({', '.join(PRESETS)}) or package.module:factory")
     p.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. dp=2,tp=2")
     p.add_argument("--rules", default="",
                    help="logical=mesh overrides on the default rules, e.g. batch=dp,heads=tp "

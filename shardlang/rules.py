@@ -133,11 +133,14 @@ def check_divisible(shape: Iterable[int], axes: Axes, spec: P, mesh: Mesh, *,
         n = 1
         for a in mesh_axes:
             n *= mesh.axis_size(a)
-        n *= (even or {}).get(dim, 1)
+        extra = (even or {}).get(dim, 1)
+        n *= extra
         if n > 1 and size % n:
             name = axes[dim] if dim < len(axes) and axes[dim] else f"dim {dim}"
             label = " x ".join(f"{a}" for a in mesh_axes)
-            sizes = ", ".join(str(d) for d in divisors(size))
+            # the mesh sizes k with k * extra dividing the dim
+            sizes = ", ".join(str(d) for d in divisors(size // extra)) if size % extra == 0 \
+                else "none: the dim is not a multiple of " + str(extra)
             raise ShardingError(
                 f"mesh axis {label!r} (size {n}) must divide logical axis {name!r} "
                 f"(size {size}) of {where}; choose {label} in {{{sizes}}}"

@@ -16,7 +16,8 @@ FACTORY = "tests.third_party_llama:annotated"
 
 
 @pytest.mark.parametrize(("mesh", "fsdp"), [({"tp": 2}, False), ({"dp": 2, "tp": 2}, False),
-                                            ({"dp": 2, "tp": 2}, True)])
+                                            ({"dp": 2, "tp": 2}, True),
+                                            ({"sp": 2}, False)])  # rotary on a split sequence
 def test_third_party_decoder_matches_single_device(mesh: dict[str, int], fsdp: bool) -> None:
     lay = Layout(resolve(FACTORY), sl.Mesh(**mesh), sl.Rules.default(), fsdp=fsdp)
     got, parity = simulate(lay, steps=3, check=True)
