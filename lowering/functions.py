@@ -80,8 +80,8 @@ def trace_function(fn: Callable[..., torch.Tensor], args: Sequence[torch.Tensor]
 def print_schedule(records: Sequence[Record], mesh: sl.Mesh, *, rank: int = 0,
                    console: Console | None = None, title: str = "") -> None:
     """Print one rank's records as the ``explain`` table does."""
-    from lowering.printer import _schedule_table
+    from lowering.printer import schedule_table  # the printer imports this module's peers
 
     console = console or Console()
     s = RankSchedules(mesh, {"name": title}, {rank: list(records)})
-    console.print(_schedule_table(title or f"Schedule of rank {rank}", records, s, rank))
+    console.print(schedule_table(title or f"Schedule of rank {rank}", records, s, rank))

@@ -14,7 +14,7 @@ from lowering.placements import describe
 from lowering.plan import Plan
 from lowering.schedule import RankSchedules, Record, totals
 
-__all__ = ["print_explain", "print_plan", "group_ranks", "human"]
+__all__ = ["print_explain", "print_plan", "schedule_table", "group_ranks", "human"]
 
 
 def human(n: float) -> str:
@@ -54,7 +54,7 @@ def print_plan(plan: Plan, console: Console) -> None:
     console.print(t)
 
 
-def _schedule_table(title: str, recs: Sequence[Record], s: RankSchedules, rank: int) -> Table:
+def schedule_table(title: str, recs: Sequence[Record], s: RankSchedules, rank: int) -> Table:
     t = Table(title=title, title_justify="left")
     for col in ("#", "phase", "site", "op", "axis", "group", "shape", "dtype", "bytes", "wire"):
         t.add_column(col, justify="right" if col in ("#", "bytes", "wire") else "left",
@@ -100,14 +100,14 @@ def print_explain(s: RankSchedules, plan: Plan, analytic: dict[str, AxisVolume],
         title = f"Schedule of {_ranks_label(ranks)}: {len(recs)} collectives in one training step"
         if len(ranks) > 1:
             title += " (group columns for the first rank)"
-        console.print(_schedule_table(title, recs, s, ranks[0]))
+        console.print(schedule_table(title, recs, s, ranks[0]))
     first = next(iter(s.ranks.values()), [])
     console.print(_totals_table(first, analytic))
     extra = unexplained(first, analytic)
     if extra:
         console.print(f"{len(extra)} recorded collective(s) that no formula term covers "
                       "(the difference above, if any):")
-        console.print(_schedule_table("Not in the formulas", extra, s, next(iter(s.ranks))))
+        console.print(schedule_table("Not in the formulas", extra, s, next(iter(s.ranks))))
     _print_sequence_work(plan, console)
     if verbose_terms:
         for vol in analytic.values():

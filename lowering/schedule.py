@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -218,10 +218,6 @@ class Recorder(TorchDispatchMode):
             op=op, axis=axis, shape=shape, dtype=_dtype(x), bytes=nbytes, group_size=n,
             peer_shift=shift,
         ))
-
-    def add(self, record: Record) -> None:
-        """Append a record built elsewhere (e.g. a pipeline send), renumbered."""
-        self.records.append(replace(record, index=len(self.records)))
 
 
 _RECORDING: list[Recorder] = []
