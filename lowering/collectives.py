@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 
 import shardlang as sl
 from lowering._torch import funcol, per_rank
+from lowering.placements import contiguous_stride
 from lowering.schedule import Op, Recorder, logical
 
 __all__ = ["run_collective"]
@@ -32,8 +33,8 @@ def _redistribute(x: torch.Tensor, sub: DeviceMesh, src: Placement, dst: Placeme
     shape = list(x.shape)
     if isinstance(src, Shard):
         shape[src.dim] *= n
-    stride = torch.empty(shape, device="meta").stride()
-    d = DTensor.from_local(x, sub, [src], run_check=False, shape=torch.Size(shape), stride=stride)
+    d = DTensor.from_local(x, sub, [src], run_check=False, shape=torch.Size(shape),
+                           stride=contiguous_stride(shape))
     return d.redistribute(sub, [dst]).to_local()
 
 

@@ -4,6 +4,7 @@ the collectives do while a model runs under a plan (global view over DTensor).""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -14,7 +15,7 @@ from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 import shardlang as sl
 from lowering._torch import rank_index
 from lowering.collectives import run_collective
-from lowering.placements import placements, relayout
+from lowering.placements import contiguous_stride, placements, relayout
 from lowering.plan import Plan
 from lowering.schedule import Recorder
 from lowering.sequence import load_balanced_order, ring_attention
@@ -23,14 +24,6 @@ from lowering.shard_map import VaryingTracker, check_outputs, submesh
 __all__ = ["DTensorContext"]
 
 _ATTN_AXES: sl.Axes = ("batch", "heads", "seq", None)
-
-
-def _stride(shape: Sequence[int]) -> tuple[int, ...]:
-    out, acc = [], 1
-    for s in reversed(shape):
-        out.append(acc)
-        acc *= s
-    return tuple(reversed(out))
 
 
 class DTensorContext:
@@ -173,11 +166,11 @@ class DTensorContext:
                     f"shard_map({name}) output of local shape {tuple(o.shape)} has {o.dim()} "
                     f"dims but its out_axes have {len(spec)}"
                 )
-            shape = [s * _prod(self.mesh.axis_size(a) for a in spec.axes_of(d))
+            shape = [s * math.prod(self.mesh.axis_size(a) for a in spec.axes_of(d))
                      for d, s in enumerate(o.shape)]
             result.append(DTensor.from_local(
                 o, self.dmesh, placements(spec, self.mesh), run_check=False,
-                shape=torch.Size(shape), stride=_stride(shape)))
+                shape=torch.Size(shape), stride=contiguous_stride(shape)))
         check_outputs(outs, out_specs, tracker, self.mesh.shape, name)
         return result[0] if single else tuple(result)
 
@@ -214,10 +207,3 @@ class DTensorContext:
             yield
         finally:
             tracker.paused = was
-
-
-def _prod(xs: object) -> int:
-    n = 1
-    for x in xs:  # type: ignore[attr-defined]
-        n *= x
-    return n

@@ -30,12 +30,7 @@ from lowering.placements import relayout
 from lowering.plan import Plan
 from lowering.schedule import Op, Phase, Recorder, logical, site
 
-__all__ = ["distribute_model", "sync_grads", "unique_params"]
-
-
-def unique_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """Parameters by first name (tied parameters once)."""
-    yield from model.named_parameters()
+__all__ = ["distribute_model", "sync_grads", "reduce_grad"]
 
 
 def distribute_model(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> nn.Module:
@@ -178,7 +173,7 @@ def reduce_grad(g: DTensor, dmesh: DeviceMesh, target: Sequence[Placement]) -> D
 
 def sync_grads(model: nn.Module, plan: Plan, dmesh: DeviceMesh, recorder: Recorder | None) -> None:
     """Bring every gradient to its parameter's placements (DDP's all-reduce over dp)."""
-    for name, p in reversed(list(unique_params(model))):
+    for name, p in reversed(list(model.named_parameters())):
         g = p.grad
         if not isinstance(g, DTensor) or tuple(g.placements) == tuple(p.placements):
             continue

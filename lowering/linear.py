@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 from torch.overrides import TorchFunctionMode
 
+from lowering.placements import contiguous_stride
+
 __all__ = ["LocalLinear"]
 
 
@@ -58,7 +60,7 @@ def _linear(x: DTensor, w: DTensor, bias: torch.Tensor | None) -> torch.Tensor |
     y_local = F.linear(x.to_local(grad_placements=gx), w.to_local(grad_placements=gw))
     shape = torch.Size((*x.shape[:-1], w.shape[0]))
     y = DTensor.from_local(y_local, x.device_mesh, y_pl, run_check=False, shape=shape,
-                           stride=torch.empty(shape, device="meta").stride())
+                           stride=contiguous_stride(shape))
     return y if bias is None else y + bias
 
 

@@ -65,8 +65,10 @@ def traced_ranks(mesh: sl.Mesh, ranks: Sequence[int] | None) -> list[int]:
     return list(ranks)
 
 
-def _dry_trace(layout: Layout, rank: int, data: Batches) -> tuple[Plan, list[Record], torch.nn.Module]:
-    model = layout.model.build(seed=layout.seed, meta=True)
+def _dry_trace(layout: Layout, rank: int, data: Batches,
+               model: torch.nn.Module | None = None) -> tuple[Plan, list[Record], torch.nn.Module]:
+    # a trace distributes the model in place: each traced rank gets a fresh meta build
+    model = model or layout.model.build(seed=layout.seed, meta=True)
     plan = layout.plan(model)
     batch, seq = layout.shapes(model)
     with session(layout.mesh, Mode.DRY, rank=rank) as sess:
@@ -83,11 +85,13 @@ def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
         if not 0 <= r < layout.mesh.size:
             raise sl.ShardingError(
                 f"--rank {r} is outside {layout.mesh!r} (ranks 0..{layout.mesh.size - 1})")
-    data = data or ArithmeticSequences(_vocab(layout))
+    fresh: torch.nn.Module | None = layout.model.build(seed=layout.seed, meta=True)
+    data = data or ArithmeticSequences(layout.model.vocab_size(fresh))
     traces: dict[int, list[Record]] = {}
     plan = model = None
     for r in traced_ranks(layout.mesh, want):
-        plan, traces[r], model = _dry_trace(layout, r, data)
+        plan, traces[r], model = _dry_trace(layout, r, data, fresh)
+        fresh = None
     assert plan is not None and model is not None, "at least one rank is traced"
     first = traces[min(traces)]
     batch, seq = layout.shapes(model)
@@ -95,10 +99,6 @@ def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
                           {r: traces.get(r, first) for r in want})
     return Explained(plan, sched, analytic_volume(plan, model, batch=batch, seq=seq),
                      sorted(traces))
-
-
-def _vocab(layout: Layout) -> int:
-    return layout.model.vocab_size(layout.model.build(meta=True))
 
 
 @dataclass

@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 
 import shardlang as sl
 
-__all__ = ["tensor_axes", "placements", "fsdp_dim", "describe", "relayout"]
+__all__ = ["tensor_axes", "placements", "fsdp_dim", "describe", "relayout", "contiguous_stride"]
 
 
 def tensor_axes(mesh: sl.Mesh) -> tuple[str, ...]:
@@ -50,6 +50,15 @@ def fsdp_dim(spec: sl.P, shape: Sequence[int], mesh: sl.Mesh) -> int | None:
 def describe(pl: Sequence[Placement], mesh: sl.Mesh) -> str:
     """``dp:Shard(0) tp:Replicate()``, for printing."""
     return " ".join(f"{a}:{p}" for a, p in zip(tensor_axes(mesh), pl)) or "(single device)"
+
+
+def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of this shape (for ``DTensor.from_local``)."""
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= s
+    return tuple(reversed(out))
 
 
 def relayout(x: DTensor, dmesh: DeviceMesh, pl: Sequence[Placement]) -> DTensor:

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 import shardlang as sl
 from lowering._torch import host_values, implicit_replication, rank_values
 from lowering.context import DTensorContext
-from lowering.data import distribute_model, sync_grads, unique_params
+from lowering.data import distribute_model, sync_grads
 from lowering.linear import LocalLinear
 from lowering.plan import Plan
 from lowering.runtime import Mode, Session
@@ -111,7 +111,7 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
             if plan is not None and dmesh is not None:
                 sync_grads(model, plan, dmesh, rec)
         if step == 0 and cfg.keep_grads and not dry:
-            result.grads = {n: _values(p.grad, world) for n, p in unique_params(model)
+            result.grads = {n: _values(p.grad, world) for n, p in model.named_parameters()
                             if p.grad is not None}
         with _recording(rec), (rec.site("optimizer", Phase.OPTIMIZER) if rec else _null()):
             opt.step()
