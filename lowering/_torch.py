@@ -20,6 +20,7 @@ __all__ = [
     "funcol", "LocalTensor", "LocalTensorMode", "ModTracker", "implicit_replication",
     "loss_parallel", "in_backward", "rank_values", "local_tensor_mode", "init_fake", "per_rank",
     "host_values", "own_copy_per_rank", "forget_dtensor_caches", "rank_index",
+    "interleaved_order",
 ]
 
 
@@ -87,3 +88,23 @@ def rank_index(sub) -> torch.Tensor:  # noqa: ANN001
     """This rank's index in a one-dimensional mesh, as a 0-d tensor (one value per
     simulated rank in simulate mode)."""
     return per_rank(lambda r: torch.tensor(int(r)))(sub.get_local_rank())
+
+
+def interleaved_order(pp: int, virtual: int, microbatches: int,
+                      rank: int) -> list[tuple[int, str, int]]:
+    """``ScheduleInterleaved1F1B``'s action order (with its sends and receives) for one
+    pipeline rank, as (stage index, action name, microbatch). Built from stand-in stages:
+    the order depends only on the pipeline's sizes."""
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B
+
+    class _Sizes:  # what the schedule reads from its stages to plan the order
+        def __init__(self, index: int) -> None:
+            self.stage_index, self.num_stages = index, pp * virtual
+            self.group_size, self.group_rank = pp, rank
+            self.is_first, self.is_last = index == 0, index == pp * virtual - 1
+
+    sched = ScheduleInterleaved1F1B([_Sizes(rank + k * pp) for k in range(virtual)],
+                                    microbatches)
+    return [(a.stage_index, a.computation_type.name, a.microbatch_index or 0)
+            for a in sched.pipeline_order_with_comms[rank]
+            if a is not None]

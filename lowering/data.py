@@ -35,10 +35,14 @@ __all__ = ["distribute_model", "sync_grads", "reduce_grad"]
 
 def distribute_model(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> nn.Module:
     """Replace every parameter by a DTensor parameter with the plan's placements, in
-    place (ties kept), and install FSDP gathering where the plan shards over dp."""
+    place (ties kept), and install FSDP gathering where the plan shards over dp. A
+    pipeline stage's model holds only its own layers; the plan's others are skipped."""
     new: dict[int, nn.Parameter] = {}
+    held = dict(model.named_parameters(remove_duplicate=False))
     for p_plan in plan.params:
-        old = model.get_parameter(p_plan.name)
+        if p_plan.name not in held:  # a layer another pipeline stage holds
+            continue
+        old = held[p_plan.name]
         data = distribute_tensor(old.detach(), dmesh, p_plan.placements, src_data_rank=None)
         local = own_copy_per_rank(data.to_local())
         if local is not data.to_local():

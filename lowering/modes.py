@@ -18,7 +18,8 @@ from lowering.plan import Plan, lower
 from lowering.registry import ModelRef
 from lowering.runtime import Mode, session
 from lowering.schedule import RankSchedules, Record
-from lowering.train import StepCallback, TrainConfig, TrainResult, reference, train
+from lowering.train import (StepCallback, TrainConfig, TrainResult, reference, train,
+                            train_pipeline)
 from models.datasets import ArithmeticSequences, Batches
 
 __all__ = ["Layout", "Explained", "Parity", "explain", "simulate", "run", "check_parity",
@@ -37,6 +38,9 @@ class Layout:
     seq: int | None = None
     seed: int = 0
     load_balance: bool = False
+    schedule: str = "1f1b"           # pipeline (pp > 1) options
+    microbatches: int | None = None  # default: pp
+    virtual: int | None = None       # default: 2 for interleaved, else 1
 
     def shapes(self, model: torch.nn.Module) -> tuple[int, int]:
         return self.batch or self.model.batch, self.seq or self.model.default_seq(model)
@@ -44,7 +48,14 @@ class Layout:
     def plan(self, model: torch.nn.Module) -> Plan:
         batch, seq = self.shapes(model)
         return lower(model, self.mesh, self.rules, fsdp=self.fsdp, batch=batch, seq=seq,
-                     load_balance=self.load_balance)
+                     load_balance=self.load_balance, schedule=self.schedule,
+                     microbatches=self.microbatches, virtual=self.virtual)
+
+    def config(self, plan: Plan, model: torch.nn.Module, **kw: object) -> TrainConfig:
+        batch, seq = self.shapes(model)
+        m = plan.pipe.microbatches if plan.pipe else 1
+        return TrainConfig(batch=batch, seq=seq, seed=self.seed, microbatches=m,
+                           batch_ways=plan.batch_ways, **kw)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -56,24 +67,29 @@ class Explained:
 
 
 def traced_ranks(mesh: sl.Mesh, ranks: Sequence[int] | None) -> list[int]:
-    """Which ranks to trace. Every rank runs the same SPMD program, so past 16 ranks
-    ``--all-ranks`` traces rank 0 and gives every rank its own groups."""
-    if ranks is None:
+    """Which ranks to trace. Every rank of a pipeline stage runs the same SPMD program,
+    so past 16 ranks ``--all-ranks`` traces local rank 0 of every stage and gives every
+    rank its own groups. One trace covers every pipeline stage (they run together)."""
+    if ranks is None or len(ranks) > 16:
         return [0]
-    if len(ranks) > 16:
-        return [0]
-    return list(ranks)
+    stage = mesh.size // mesh.pp
+    return sorted({r % stage for r in ranks})
 
 
-def _dry_trace(layout: Layout, rank: int, data: Batches,
-               model: torch.nn.Module | None = None) -> tuple[Plan, list[Record], torch.nn.Module]:
+def _dry_trace(layout: Layout, rank: int, data: Batches, model: torch.nn.Module | None = None
+               ) -> tuple[Plan, dict[int, list[Record]], torch.nn.Module]:
+    """Trace one step on meta tensors; records per pipeline coordinate (all of them)."""
     # a trace distributes the model in place: each traced rank gets a fresh meta build
     model = model or layout.model.build(seed=layout.seed, meta=True)
     plan = layout.plan(model)
-    batch, seq = layout.shapes(model)
+    cfg = layout.config(plan, model, steps=1)
     with session(layout.mesh, Mode.DRY, rank=rank) as sess:
-        result = train(model, plan, sess, data, TrainConfig(steps=1, batch=batch, seq=seq))
-    return plan, result.records, model
+        if plan.pipe is None:
+            return plan, {0: train(model, plan, sess, data, cfg).records}, model
+        models = {0: model} | {r: layout.model.build(seed=layout.seed, meta=True)
+                               for r in range(1, layout.mesh.pp)}
+        result = train_pipeline(models, plan, sess, data, cfg)
+    return plan, result.stage_records, model
 
 
 def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
@@ -87,18 +103,19 @@ def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
                 f"--rank {r} is outside {layout.mesh!r} (ranks 0..{layout.mesh.size - 1})")
     fresh: torch.nn.Module | None = layout.model.build(seed=layout.seed, meta=True)
     data = data or ArithmeticSequences(layout.model.vocab_size(fresh))
-    traces: dict[int, list[Record]] = {}
+    traces: dict[int, dict[int, list[Record]]] = {}
     plan = model = None
+    stage = layout.mesh.size // layout.mesh.pp
     for r in traced_ranks(layout.mesh, want):
         plan, traces[r], model = _dry_trace(layout, r, data, fresh)
         fresh = None
     assert plan is not None and model is not None, "at least one rank is traced"
-    first = traces[min(traces)]
     batch, seq = layout.shapes(model)
     sched = RankSchedules(layout.mesh, {"name": layout.model.name, "params": plan.n_params},
-                          {r: traces.get(r, first) for r in want})
-    return Explained(plan, sched, analytic_volume(plan, model, batch=batch, seq=seq),
-                     sorted(traces))
+                          {r: traces.get(r % stage, traces[min(traces)])[r // stage]
+                           for r in want})
+    traced = sorted(pp * stage + r for r in traces for pp in range(layout.mesh.pp))
+    return Explained(plan, sched, analytic_volume(plan, model, batch=batch, seq=seq), traced)
 
 
 @dataclass
@@ -119,6 +136,8 @@ def check_parity(got: TrainResult, ref: TrainResult, *, rtol: float = 1e-5,
     for name, per_rank in got.grads.items():
         want = ref.grads[name][0]
         for r, g in enumerate(per_rank):
+            if g is None:  # a pipeline stage that does not hold this parameter
+                continue
             err = (g - want).abs().max().item()
             if err > worst[2]:
                 worst = (name, r, err)
@@ -164,11 +183,15 @@ def _train_mode(layout: Layout, mode: Mode, *, steps: int, check: bool, data: Ba
         )
     model = layout.model.build(seed=layout.seed)
     plan = layout.plan(model)
-    batch, seq = layout.shapes(model)
     data = data or ArithmeticSequences(layout.model.vocab_size(model))
-    cfg = TrainConfig(steps=steps, batch=batch, seq=seq, lr=lr, seed=layout.seed,
-                      keep_grads=check)
+    cfg = layout.config(plan, model, steps=steps, lr=lr, keep_grads=check)
     with session(layout.mesh, mode) as sess:
-        result = train(model, plan, sess, data, cfg, on_step=on_step)
+        if plan.pipe is None:
+            result = train(model, plan, sess, data, cfg, on_step=on_step)
+        else:
+            mine = [sess.rank // sess.stage_world] if mode is Mode.RUN else range(layout.mesh.pp)
+            models = {r: model if r == mine[0] else layout.model.build(seed=layout.seed)
+                      for r in mine}
+            result = train_pipeline(models, plan, sess, data, cfg, on_step=on_step)
     parity = check_parity(result, reference(layout.model.factory, data, cfg)) if check else None
     return result, parity

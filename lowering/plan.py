@@ -7,6 +7,7 @@ plan by dry, simulate or run mode (:mod:`lowering.modes`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from torch.distributed.tensor import Placement
 
 import shardlang as sl
 from lowering.checks import ShapeTrace, check_activations
+from lowering.pipeline import Pipe, Schedule, check_pipe
 from lowering.placements import fsdp_dim, placements, tensor_axes
 from lowering.tensor import Role, tp_role
 
@@ -30,6 +32,9 @@ class Options:
     batch: int | None = None
     seq: int | None = None
     load_balance: bool = False  # causal sequence chunks r and 2n-1-r on sp rank r
+    schedule: str = "1f1b"      # pipeline schedule (pp > 1): gpipe, 1f1b, interleaved
+    microbatches: int | None = None  # pipeline microbatches (default: pp)
+    virtual: int | None = None  # chunks per pipeline rank (default: 2 interleaved, else 1)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,15 @@ class Plan:
     params: tuple[ParamPlan, ...]
     aliases: tuple[tuple[str, str], ...]  # (tied name, name it shares storage with)
     trace: ShapeTrace = ShapeTrace()      # what the meta shape check saw (needs batch, seq)
+    pipe: Pipe | None = None              # the pipeline (pp > 1)
+    stack: str = ""                       # path of the module marked 'layers'
+    n_layers: int = 0
+
+    @property
+    def batch_ways(self) -> int:
+        """Into how many shards the batch dim splits (dp, and ep by default)."""
+        spec = self.rules.spec(("batch",), where="the input batch")
+        return math.prod(self.mesh.axis_size(a) for a in spec.mesh_axes)
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -93,6 +107,7 @@ def _check_options(mesh: sl.Mesh, options: Options) -> None:
 
 def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = False,
           batch: int | None = None, seq: int | None = None, load_balance: bool = False,
+          schedule: str = "1f1b", microbatches: int | None = None, virtual: int | None = None,
           extra_names: Iterable[str] = ()) -> Plan:
     """Validate a layout and derive every parameter's placements.
 
@@ -107,12 +122,10 @@ def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = Fals
         raise sl.ShardingError(f"lower() takes an sl.Mesh, got {type(mesh).__name__}")
     if not isinstance(rules, sl.Rules):
         raise sl.ShardingError(f"lower() takes sl.Rules, got {type(rules).__name__}")
-    if mesh.pp > 1:
-        raise sl.ShardingError(
-            f"{mesh!r}: pipeline parallelism (pp) is not lowered yet; use pp=1"
-        )
-    options = Options(fsdp=fsdp, batch=batch, seq=seq, load_balance=load_balance)
+    options = Options(fsdp=fsdp, batch=batch, seq=seq, load_balance=load_balance,
+                      schedule=schedule, microbatches=microbatches, virtual=virtual)
     _check_options(mesh, options)
+    pipe, stack, n_layers = _pipeline(model, mesh, rules, options)
     trace = ShapeTrace()
     if batch is not None and seq is not None:
         trace = check_activations(model, mesh, rules, batch=batch, seq=seq)
@@ -141,4 +154,35 @@ def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = Fals
             fsdp_dim=fdim,
         ))
     return Plan(mesh=mesh, rules=rules, options=options, params=tuple(plans),
-                aliases=tuple(aliases), trace=trace)
+                aliases=tuple(aliases), trace=trace, pipe=pipe, stack=stack, n_layers=n_layers)
+
+
+def _pipeline(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules,
+              options: Options) -> tuple[Pipe | None, str, int]:
+    """The pipeline a pp > 1 mesh asks for, validated (layers, microbatches, schedule)."""
+    from lowering.stages import layer_stack
+
+    schedule = Schedule.parse(options.schedule)
+    m = options.microbatches
+    if mesh.pp == 1:
+        if m not in (None, 1):
+            raise sl.ShardingError(
+                f"--microbatches {m} needs a pipeline (pp > 1 in the mesh {mesh!r})")
+        return None, "", 0
+    found = layer_stack(model)
+    if found is None:
+        raise sl.ShardingError(
+            f"{mesh!r} has pp={mesh.pp} but {type(model).__name__} marks no layer stack: tag "
+            "the nn.ModuleList of layers with sl.axes(self.blocks, 'layers') in the model, "
+            "or from outside with sl.annotate(model, {'<path>': ('layers',)})")
+    stack, mods = found
+    if rules.spec(("layers",), where=stack).mesh_axes != ("pp",):
+        raise sl.ShardingError(
+            f"the rules map 'layers' to {rules.spec(('layers',), where=stack)}, but a pipeline "
+            "splits the layer stack over pp only; use the rule layers=pp")
+    v = options.virtual or (2 if schedule is Schedule.INTERLEAVED else 1)
+    pipe = Pipe(schedule, mesh.pp, m or mesh.pp, v)
+    ways = math.prod(mesh.axis_size(a) for a in rules.spec(("batch",), where="the batch").mesh_axes)
+    check_pipe(pipe, n_layers=len(mods), where=f"{type(model).__name__}.{stack}",
+               batch=options.batch, dp_ways=ways)
+    return pipe, stack, len(mods)

@@ -24,7 +24,7 @@ import shardlang as sl
 from lowering._torch import forget_dtensor_caches, init_fake, local_tensor_mode
 from lowering.placements import tensor_axes
 
-__all__ = ["Mode", "Session", "session", "device_and_backend", "under_torchrun"]
+__all__ = ["Mode", "Session", "session", "device_and_backend", "under_torchrun", "stage_mesh"]
 
 #: A collective that waits longer than this fails instead of hanging (run mode).
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("SHARDLANG_TIMEOUT", "120")))
@@ -56,17 +56,35 @@ class Session:
     rank: int
     device: str
     dmesh: DeviceMesh | None
+    pp_group: dist.ProcessGroup | None = None  # run mode with pp > 1
 
     @property
     def world(self) -> int:
         return self.mesh.size
 
+    @property
+    def stage_world(self) -> int:
+        """Ranks of one pipeline stage: what dry and simulate modes run as one SPMD world
+        (global rank = pp coordinate * stage_world + local rank)."""
+        return self.mesh.size // self.mesh.pp
 
-def _device_mesh(mesh: sl.Mesh, device: str) -> DeviceMesh | None:
+
+def _device_mesh(mesh: sl.Mesh, device: str) -> tuple[DeviceMesh | None, dist.ProcessGroup | None]:
+    """The DTensor mesh (every axis > 1 but pp) and, with pp > 1, this rank's pp group."""
     axes = tensor_axes(mesh)
-    if not axes:
-        return None
-    return init_device_mesh(device, tuple(mesh.axis_size(a) for a in axes), mesh_dim_names=axes)
+    if mesh.pp == 1:
+        if not axes:
+            return None, None
+        return init_device_mesh(device, tuple(mesh.axis_size(a) for a in axes),
+                                mesh_dim_names=axes), None
+    full = ("pp", *axes)
+    dm = init_device_mesh(device, tuple(mesh.axis_size(a) for a in full), mesh_dim_names=full)
+    return (dm[axes] if axes else None), dm.get_group("pp")
+
+
+def stage_mesh(mesh: sl.Mesh) -> sl.Mesh:
+    """The mesh of one pipeline stage (pp dropped)."""
+    return sl.Mesh(**{a: mesh.axis_size(a) for a in ("dp", "ep", "sp", "tp")})
 
 
 @contextlib.contextmanager
@@ -92,20 +110,23 @@ def session(mesh: sl.Mesh, mode: Mode, *, rank: int = 0) -> Iterator[Session]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
         try:
-            yield Session(mode, mesh, rank, device, _device_mesh(mesh, device))
+            yield Session(mode, mesh, rank, device, *_device_mesh(mesh, device))
         finally:
             dist.destroy_process_group()
         return
     if not 0 <= rank < mesh.size:
         raise sl.ShardingError(f"--rank {rank} is outside {mesh!r} (ranks 0..{mesh.size - 1})")
     hook = sys.excepthook  # init_process_group wraps it with a rank prefix each time
-    init_fake(rank, mesh.size)
+    # one SPMD world per pipeline stage: every stage's program runs on the same local ranks
+    local = stage_mesh(mesh)
+    init_fake(rank % local.size, local.size)
     try:
+        dmesh, _ = _device_mesh(local, "cpu")
         if mode is Mode.SIMULATE:
-            with local_tensor_mode(mesh.size):
-                yield Session(mode, mesh, rank, "cpu", _device_mesh(mesh, "cpu"))
+            with local_tensor_mode(local.size):
+                yield Session(mode, mesh, rank, "cpu", dmesh)
         else:
-            yield Session(mode, mesh, rank, "cpu", _device_mesh(mesh, "cpu"))
+            yield Session(mode, mesh, rank, "cpu", dmesh)
     finally:
         dist.destroy_process_group()
         sys.excepthook = hook

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -163,6 +163,21 @@ class Recorder(TorchDispatchMode):
             yield
         finally:
             self._override.pop()
+
+    def add(self, record: Record) -> None:
+        """Append a record made by the caller (pipeline sends and receives)."""
+        self.records.append(record)
+
+    def snapshot(self) -> Callable[[], None]:
+        """Remember which modules are running; the returned function restores that
+        (after a forward left early, as a pipeline chunk that is not the last does)."""
+        parents = set(self._tracker.parents)
+        counts = dict(self._tracker._active_module_cnt)
+
+        def restore() -> None:
+            self._tracker.parents = set(parents)
+            self._tracker._active_module_cnt = dict(counts)
+        return restore
 
     def current_site(self) -> str:
         if self._site:

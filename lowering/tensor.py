@@ -10,6 +10,8 @@ all-reduce), and the model's one ``constrain`` per block input converts the back
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 import enum
 
@@ -21,7 +23,10 @@ from torch.distributed.tensor import DTensor, Shard
 import shardlang as sl
 from lowering._torch import loss_parallel
 
-__all__ = ["Role", "tp_role", "loss_scope", "next_token_loss"]
+if TYPE_CHECKING:
+    from lowering.plan import Plan
+
+__all__ = ["Role", "tp_role", "loss_scope", "loss_parallel_needed", "next_token_loss"]
 
 
 class Role(enum.Enum):
@@ -55,6 +60,14 @@ def loss_scope(logits: torch.Tensor) -> contextlib.AbstractContextManager:
         isinstance(p, Shard) and p.dim == logits.dim() - 1 for p in logits.placements
     )
     return loss_parallel() if vocab_sharded else contextlib.nullcontext()
+
+
+def loss_parallel_needed(plan: Plan) -> contextlib.AbstractContextManager:
+    """:func:`loss_scope` decided from the plan (before any logits exist): vocab-parallel
+    when the rules shard the vocab over a mesh axis of size > 1."""
+    spec = plan.rules.spec(("vocab",), where="the logits")
+    sharded = any(plan.mesh.axis_size(a) > 1 for a in spec.mesh_axes)
+    return loss_parallel() if sharded else contextlib.nullcontext()
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ rank per process); only the session differs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +26,8 @@ from lowering.schedule import Phase, Record, Recorder
 from lowering.tensor import loss_scope, next_token_loss
 from models.datasets import Batches
 
-__all__ = ["TrainConfig", "TrainResult", "StepCallback", "train", "reference", "group_axes"]
+__all__ = ["TrainConfig", "TrainResult", "StepCallback", "train", "train_pipeline", "reference",
+           "group_axes"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class TrainConfig:
     lr: float = 3e-3          # AdamW; gpt-tiny learns the synthetic task in ~50 steps
     seed: int = 0             # model init and data
     keep_grads: bool = False  # keep step 0's full gradients (for --check)
+    microbatches: int = 1     # the single-device reference accumulates over these
+    batch_ways: int = 1       # (how a pipeline splits the batch: see microbatch_rows)
 
 
 @dataclass
@@ -45,15 +48,18 @@ class TrainResult:
     records: list[Record] = field(default_factory=list)      # step 0, in issue order
     grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> per rank
     metrics: list[dict[str, object]] = field(default_factory=list)  # [step] name -> rank 0's value
+    stage_records: dict[int, list[Record]] = field(default_factory=dict)  # pp coordinate -> step 0
+    bubble: list[float] = field(default_factory=list)  # run mode, pp > 1: measured, per step
 
 
 def group_axes(sess: Session) -> dict[str, tuple[str, int]]:
     """Process-group name -> (mesh axis, group size), for the recorder."""
     dm = sess.dmesh
-    if dm is None:
-        return {}
-    return {dm.get_group(a).group_name: (a, dm.size(i))
-            for i, a in enumerate(dm.mesh_dim_names or ())}
+    out = {} if dm is None else {dm.get_group(a).group_name: (a, dm.size(i))
+                                 for i, a in enumerate(dm.mesh_dim_names or ())}
+    if sess.pp_group is not None:
+        out[sess.pp_group.group_name] = ("pp", sess.mesh.pp)
+    return out
 
 
 def _values(t: torch.Tensor, world: int) -> list[torch.Tensor]:
@@ -100,14 +106,17 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
             if ctx is not None:
                 idx = ctx.constrain(idx, ("batch", "seq"))
                 tgt = ctx.constrain(tgt, ("batch", "seq"))
-            with sl.collecting() as reported:
-                logits = model(idx)
-            with loss_scope(logits):
-                with (rec.site("loss") if rec else _null()):
-                    loss = next_token_loss(logits, tgt)
-                    aux = reported.total_aux()
-                    total = loss if aux is None else loss + aux
-                total.backward()
+            if plan is None and cfg.microbatches > 1:
+                loss, reported = _accumulate(model, idx, tgt, cfg)
+            else:
+                with sl.collecting() as reported:
+                    logits = model(idx)
+                with loss_scope(logits):
+                    with (rec.site("loss") if rec else _null()):
+                        loss = next_token_loss(logits, tgt)
+                        aux = reported.total_aux()
+                        total = loss if aux is None else loss + aux
+                    total.backward()
             if plan is not None and dmesh is not None:
                 sync_grads(model, plan, dmesh, rec)
         if step == 0 and cfg.keep_grads and not dry:
@@ -128,8 +137,30 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
 
 
 def reference(factory: Callable[[], nn.Module], data: Batches, cfg: TrainConfig) -> TrainResult:
-    """The single-device run every layout must match."""
+    """The single-device run every layout must match (with ``cfg.microbatches`` > 1, the
+    pipeline's microbatches one after another, gradients accumulated)."""
     return train(build_model(factory, cfg.seed), None, None, data, cfg)
+
+
+def _accumulate(model: nn.Module, idx: torch.Tensor, tgt: torch.Tensor,
+                cfg: TrainConfig) -> tuple[torch.Tensor, sl.Collected]:
+    """One device, the pipeline's microbatches in turn: mean loss, summed gradients / m."""
+    from lowering.stages import microbatch_rows
+
+    rows = microbatch_rows(idx.shape[0], cfg.batch_ways, cfg.microbatches)
+    m = cfg.microbatches
+    losses, last = [], sl.Collected()
+    for x, y in zip(idx[rows].chunk(m), tgt[rows].chunk(m)):
+        with sl.collecting() as last:
+            logits = model(x)
+        loss = next_token_loss(logits, y)
+        aux = last.total_aux()
+        (loss if aux is None else loss + aux).backward()
+        losses.append(loss.detach())
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.div_(m)
+    return sum(losses) / m, last
 
 
 @contextlib.contextmanager
@@ -153,3 +184,136 @@ def _active(ctx: DTensorContext | None) -> Iterator[None]:
 @contextlib.contextmanager
 def _null() -> Iterator[None]:
     yield
+
+
+def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, data: Batches,
+                   cfg: TrainConfig, *, on_step: StepCallback | None = None) -> TrainResult:
+    """:func:`train` for a pipelined plan. ``models`` maps a pipeline coordinate to that
+    rank's model: every coordinate in dry and simulate modes (run in schedule order in
+    this process), this process's own in run mode."""
+    from lowering.pipelined import (dummy_tokens, funcol_all_reduce, in_process_all_reduce,
+                                    reduce_grads, step_in_process, step_torch)
+    from lowering.stages import StageModel, microbatch_rows, sum_shared_grads
+
+    pipe = plan.pipe
+    assert pipe is not None, "train_pipeline needs a plan with pp > 1"
+    run = sess.mode is Mode.RUN
+    dry = sess.mode is Mode.DRY
+    local = sess.stage_world if sess.mode is Mode.SIMULATE else 1
+    stages = {r: StageModel(m, plan, pipe, r) for r, m in models.items()}
+    recs = {r: Recorder(group_axes(sess)) for r in stages}
+    ctxs: dict[int, DTensorContext | None] = {}
+    opts = {}
+    for r, st in stages.items():
+        if sess.dmesh is not None:
+            distribute_model(st.model, plan, sess.dmesh)
+        st.dmesh = sess.dmesh
+        ctxs[r] = DTensorContext(plan, sess.dmesh, recs[r]) if sess.dmesh is not None else None
+        opts[r] = torch.optim.AdamW(st.model.parameters(), lr=cfg.lr, foreach=False)
+    any_ctx = next(iter(ctxs.values()))
+    m = pipe.microbatches
+    rows = microbatch_rows(cfg.batch, plan.batch_ways, m)
+    device = "meta" if dry else sess.device
+    tokens = dummy_tokens((cfg.batch // m, cfg.seq), device)
+    result = TrainResult()
+
+    def constrain(r: int):  # noqa: ANN202
+        ctx = ctxs[r]
+        return ctx.constrain if ctx is not None else (lambda x, axes: x)
+
+    for step in range(cfg.steps):
+        with host_values():
+            idx, tgt = data.batch(step, cfg.batch, cfg.seq)
+            if any_ctx is not None:
+                order = any_ctx.positions(idx.shape[1], None)
+                idx, tgt = idx[:, order], tgt[:, order]
+            idx, tgt = idx[rows], tgt[rows]
+        if dry:
+            idx, tgt = idx.to("meta"), tgt.to("meta")
+        elif run and sess.device != "cpu":
+            idx, tgt = idx.to(sess.device), tgt.to(sess.device)
+        on = step == 0
+        live = {r: (recs[r] if on else None) for r in stages}
+
+        @contextlib.contextmanager
+        def active(r: int) -> Iterator[None]:
+            with _recording(live[r]), _active(ctxs[r]):
+                yield
+
+        if run:
+            (r, st), = stages.items()
+            with active(r):
+                out = step_torch(st, ctxs[r], live[r], pipe, idx, tgt, sess.pp_group,
+                                 torch.device(sess.device), tokens, constrain(r))
+                reduce_grads(st, pipe, live[r])
+                sum_shared_grads(st, funcol_all_reduce(sess.pp_group), live[r])
+        else:
+            out = step_in_process(stages, {r: constrain(r) for r in stages}, live, pipe,
+                                  list(idx.chunk(m)), list(tgt.chunk(m)), active, tokens)
+            for r, st in stages.items():
+                with active(r):
+                    reduce_grads(st, pipe, live[r])
+            reduce = in_process_all_reduce(stages, live, pipe.pp)
+            for r, st in stages.items():
+                with active(r):
+                    sum_shared_grads(st, reduce(r), live[r])
+        if step == 0 and cfg.keep_grads and not dry:
+            result.grads = _stage_grads(stages, local, sess)
+        for r, st in stages.items():
+            with active(r), (live[r].site("optimizer", Phase.OPTIMIZER) if live[r] else _null()):
+                opts[r].step()
+                opts[r].zero_grad(set_to_none=True)
+        if dry:
+            continue
+        losses = _pipeline_losses(out.losses, m, local, sess)
+        result.losses.append(losses)
+        result.metrics.append({})
+        if run:
+            result.bubble.append(_measured_bubble(out.slots, pipe.pp, sess))
+        if on_step:
+            on_step(step, losses, {})
+    result.stage_records = {r: recs[r].records for r in stages}
+    result.records = result.stage_records[min(stages)]
+    return result
+
+
+def _stage_grads(stages: Mapping[int, object], local: int, sess: Session
+                 ) -> dict[str, list[torch.Tensor | None]]:
+    """name -> one entry per rank (None where that rank's stage does not hold it)."""
+    world = local * sess.mesh.pp if sess.mode is Mode.SIMULATE else 1
+    out: dict[str, list[torch.Tensor | None]] = {}
+    for r, st in stages.items():
+        for name, p in st.model.named_parameters():  # type: ignore[attr-defined]
+            if p.grad is None:
+                continue
+            slot = out.setdefault(name, [None] * world)
+            for i, v in enumerate(_values(p.grad, local)):
+                slot[r * local + i if world > 1 else 0] = v
+    return out
+
+
+def _pipeline_losses(losses: list[torch.Tensor], m: int, local: int, sess: Session) -> list[float]:
+    """The step's loss (mean over microbatches) for every rank; in run mode the last
+    stage's value, broadcast over pp."""
+    import torch.distributed as dist
+
+    if sess.mode is not Mode.RUN:
+        mean = [sum(float(_values(x, local)[i]) for x in losses) / m for i in range(local)]
+        return [mean[g % local] for g in range(sess.mesh.size)]
+    value = sum(float(_values(x, 1)[0]) for x in losses) / m if losses else 0.0
+    t = torch.tensor([value], dtype=torch.float64, device=sess.device)
+    pp, s = sess.mesh.pp, sess.stage_world
+    src = sess.rank % s + (pp - 1) * s
+    dist.broadcast(t, src=src, group=sess.pp_group)
+    return [float(t.item())]
+
+
+def _measured_bubble(slots: list, pp: int, sess: Session) -> float:
+    """Idle fraction of the pipeline from every pp rank's compute timestamps."""
+    import torch.distributed as dist
+
+    from lowering.pipeline import bubble_of
+
+    gathered: list[list] = [[] for _ in range(pp)]
+    dist.all_gather_object(gathered, slots, group=sess.pp_group)
+    return bubble_of([s for part in gathered for s in part], pp)

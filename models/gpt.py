@@ -119,7 +119,7 @@ class GPT(nn.Module):
         sl.axes(self.wte.weight, "vocab", "embed")
         self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd)
         sl.axes(self.wpe.weight, None, "embed")  # positions are global: every rank keeps all
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = sl.axes(nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)), "layers")
         self.ln_f = _norm(cfg.n_embd)
         self.lm_head = _linear(cfg.n_embd, cfg.vocab_size, "vocab", "embed")
         if cfg.tie_weights:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -33,15 +34,37 @@ def _check_axes(t: torch.Tensor, names: Sequence[str | None], where: str) -> Axe
     return tuple(names)
 
 
-def axes(t: torch.Tensor, *names: str | None) -> torch.Tensor:
-    """Tag a parameter's dims with logical axes and return it unchanged.
+_T = TypeVar("_T", torch.Tensor, nn.Module)
+
+
+def _check_stack(m: nn.Module, names: Sequence[str | None], where: str) -> Axes:
+    if tuple(names) != ("layers",):
+        raise ShardingError(
+            f"{where} is a module: a module takes exactly one logical axis, 'layers' (its "
+            f"layer stack is split into pipeline stages), got {tuple(names)}")
+    if not isinstance(m, (nn.ModuleList, nn.Sequential)):
+        raise ShardingError(
+            f"{where} is a {type(m).__name__}; mark the nn.ModuleList (or nn.Sequential) "
+            "that holds the layers with 'layers'")
+    return ("layers",)
+
+
+def axes(t: _T, *names: str | None) -> _T:
+    """Tag a parameter's dims with logical axes, or a layer stack (an ``nn.ModuleList``)
+    with ``"layers"`` (what ``pp`` splits into pipeline stages); returns it unchanged.
 
     Example:
         >>> import torch, shardlang as sl
         >>> w = sl.axes(torch.nn.Parameter(torch.zeros(8, 4)), "mlp", "embed")
         >>> sl.logical_axes(w)
         ('mlp', 'embed')
+        >>> blocks = sl.axes(torch.nn.ModuleList([torch.nn.Linear(4, 4)]), "layers")
+        >>> sl.logical_axes(blocks)
+        ('layers',)
     """
+    if isinstance(t, nn.Module):
+        object.__setattr__(t, _ATTR, _check_stack(t, names, type(t).__name__))
+        return t
     setattr(t, _ATTR, _check_axes(t, names, f"tensor of shape {tuple(t.shape)}"))
     return t
 
@@ -50,7 +73,9 @@ def annotate(module: nn.Module, table: Mapping[str, Sequence[str | None]]) -> nn
     """Tag parameters of a module you cannot edit, by glob patterns over parameter paths.
 
     Each pattern (``fnmatch`` syntax: ``*`` matches any run of characters) must match at
-    least one parameter; the first pattern that matches a parameter wins.
+    least one parameter; the first pattern that matches a parameter wins. A pattern with
+    the axes ``("layers",)`` names the layer stack instead (a module path such as
+    ``"model.layers"``), which ``pp`` splits into pipeline stages.
 
     Example:
         >>> import torch, shardlang as sl
@@ -62,7 +87,19 @@ def annotate(module: nn.Module, table: Mapping[str, Sequence[str | None]]) -> nn
     names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
     params = dict(module.named_parameters(remove_duplicate=False))
     done: set[str] = set()
+    modules = dict(module.named_modules())
     for pattern, names_for in table.items():
+        if tuple(names_for) == ("layers",):
+            stacks = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
+            if len(stacks) != 1:
+                hint = closest(pattern, [n for n in modules if n])
+                near = f"; did you mean {hint!r}?" if hint else ""
+                raise ShardingError(
+                    f"annotate pattern {pattern!r} with ('layers',) must name exactly one "
+                    f"module of {type(module).__name__} (the layer stack), it matches "
+                    f"{len(stacks)}{near}")
+            axes(modules[stacks[0]], "layers")
+            continue
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             hint = closest(pattern, names)
@@ -79,6 +116,6 @@ def annotate(module: nn.Module, table: Mapping[str, Sequence[str | None]]) -> nn
     return module
 
 
-def logical_axes(t: torch.Tensor) -> Axes | None:
-    """The logical axes attached to a tensor, or None if it was never annotated."""
+def logical_axes(t: torch.Tensor | nn.Module) -> Axes | None:
+    """The logical axes attached to a tensor (or a layer stack), or None if never annotated."""
     return getattr(t, _ATTR, None)
