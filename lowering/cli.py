@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 import shardlang as sl
 from lowering.launch import launch_torchrun
 from lowering.modes import Layout, Parity, explain, run, simulate
+from lowering.pipeline import Schedule
 from lowering.printer import print_explain
 from lowering.registry import resolve
 from lowering.runtime import under_torchrun
@@ -42,8 +43,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, help="global batch size (default: the preset's, else 8)")
     p.add_argument("--seq", type=int, help="sequence length (default: the preset's, else 32)")
     p.add_argument("--seed", type=int, default=0, help="model init and data seed")
-    p.add_argument("--microbatches", type=int, default=1, help="pipeline microbatches")
-    p.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule")
+    p.add_argument("--microbatches", type=int, default=None,
+                   help="pipeline microbatches per step (pp > 1; default: pp)")
+    p.add_argument("--schedule", default="1f1b", metavar="{" + ",".join(SCHEDULES) + "}",
+                   help="pipeline schedule (pp > 1; default 1f1b)")
+    p.add_argument("--virtual-stages", type=int, default=None, metavar="V",
+                   help="model chunks per pipeline rank, interleaved schedule only "
+                        "(default 2 there, else 1)")
 
 
 def _training(p: argparse.ArgumentParser) -> None:
@@ -82,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=600,
                    help="seconds before a launch is stopped (default 600)")
     r.add_argument("--schedule-json", metavar="FILE",
-                   help="write rank 0's recorded schedule (explain --json schema) and its "
-                        "loss per step to FILE")
+                   help="write every rank's recorded schedule (explain --json schema), "
+                        "rank 0's loss per step and, with pp > 1, the measured pipeline "
+                        "bubble per step to FILE")
     return parser
 
 
@@ -94,11 +101,17 @@ def _layout(args: argparse.Namespace) -> Layout:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise sl.ShardingError(f"--{flag} {v}: must be a positive integer")
-    if mesh.pp == 1 and (args.microbatches != 1):
+    Schedule.parse(args.schedule)  # an unknown name fails here, before any model is built
+    if mesh.pp == 1 and args.microbatches not in (None, 1):
         raise sl.ShardingError(
             f"--microbatches {args.microbatches} needs a pipeline (pp > 1 in --mesh)")
+    if mesh.pp == 1 and args.virtual_stages not in (None, 1):
+        raise sl.ShardingError(
+            f"--virtual-stages {args.virtual_stages} needs a pipeline (pp > 1 in --mesh)")
     return Layout(resolve(args.model), mesh, rules, fsdp=args.fsdp, batch=args.batch,
-                  seq=args.seq, seed=args.seed, load_balance=args.load_balance)
+                  seq=args.seq, seed=args.seed, load_balance=args.load_balance,
+                  schedule=args.schedule, microbatches=args.microbatches,
+                  virtual=args.virtual_stages)
 
 
 def _data(args: argparse.Namespace) -> Batches | None:
@@ -183,9 +196,11 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) ->
     if args.schedule_json and rank0:
         from lowering.schedule import RankSchedules
 
-        sched = RankSchedules(layout.mesh, {"name": layout.model.name}, {0: result.records})
+        sched = RankSchedules(layout.mesh, {"name": layout.model.name}, result.rank_records)
         out = schedule_json(sched)
         out["losses"] = [step[0] for step in result.losses]  # rank 0's loss per step
+        if result.bubble:
+            out["bubble"] = {"measured": result.bubble}
         with open(args.schedule_json, "w") as f:
             json.dump(out, f)
     if parity is None or (not rank0 and parity.ok):

@@ -118,6 +118,15 @@ def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
     return Explained(plan, sched, analytic_volume(plan, model, batch=batch, seq=seq), traced)
 
 
+def gather_records(records: list[Record], world: int) -> dict[int, list[Record]]:
+    """Run mode: every rank's recorded schedule, on every rank (not itself recorded)."""
+    import torch.distributed as dist
+
+    everyone: list[list[Record] | None] = [None] * world
+    dist.all_gather_object(everyone, records)
+    return {r: list(recs or []) for r, recs in enumerate(everyone)}
+
+
 @dataclass
 class Parity:
     ok: bool
@@ -193,5 +202,7 @@ def _train_mode(layout: Layout, mode: Mode, *, steps: int, check: bool, data: Ba
             models = {r: model if r == mine[0] else layout.model.build(seed=layout.seed)
                       for r in mine}
             result = train_pipeline(models, plan, sess, data, cfg, on_step=on_step)
+        if mode is Mode.RUN:
+            result.rank_records = gather_records(result.records, sess.world)
     parity = check_parity(result, reference(layout.model.factory, data, cfg)) if check else None
     return result, parity

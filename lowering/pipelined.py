@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
+
+import shardlang as sl
 
 from lowering._torch import funcol, host_values
 from lowering.context import DTensorContext
@@ -163,9 +165,12 @@ def step_torch(stage: StageModel, ctx: DTensorContext | None, rec: Recorder | No
         out.losses.append(ce.detach())
         return total
 
+    ins, outs = _stage_args(stage, idx, device)
     stages = []
     for c in stage.chunks:
-        st = PipelineStage(_ChunkModule(c), c, pipe.chunks, device, group=group)
+        # static shapes: torch's runtime inference would run extra forwards and backwards
+        st = PipelineStage(_ChunkModule(c), c, pipe.chunks, device, group=group,
+                           input_args=ins(c), output_args=outs(c))
         _instrument(st, rec, pipe, out)
         stages.append(st)
     if pipe.schedule is Schedule.INTERLEAVED:
@@ -179,6 +184,34 @@ def step_torch(stage: StageModel, ctx: DTensorContext | None, rec: Recorder | No
     with scope:
         sched.step(idx, target=tgt, return_outputs=False)
     return out
+
+
+def _stage_args(stage: StageModel, idx: torch.Tensor, device: torch.device
+                ) -> tuple[Callable[[int], torch.Tensor], Callable[[int], torch.Tensor]]:
+    """Example input and output of each chunk (meta tensors): token ids into the first,
+    this rank's block of the hidden state between chunks, logits out of the last."""
+    if stage.plan.hidden is None:
+        raise sl.ShardingError(
+            "the pipeline could not see the hidden state entering the layer stack (the "
+            "model did not run on meta tensors); check it with 'shardlang explain'")
+    m = stage.pipe.microbatches
+    shape, dtype = stage.plan.hidden
+    block = [shape[0] // m, *shape[1:]]
+    if stage.dmesh is not None:
+        for d, p in enumerate(stage.boundary()):
+            if isinstance(p, Shard):
+                block[p.dim] //= stage.dmesh.size(d)
+    tokens = torch.empty(idx.shape[0] // m, idx.shape[1], dtype=torch.long, device="meta")
+    hidden = torch.empty(block, dtype=dtype, device="meta", requires_grad=True)
+    last = stage.pipe.chunks - 1
+
+    def ins(c: int) -> torch.Tensor:
+        return tokens if c == 0 else hidden
+
+    def outs(c: int) -> torch.Tensor:
+        # the last chunk's output (logits) is never sent; its example only has to exist
+        return hidden if c < last else torch.empty(1, device="meta")
+    return ins, outs
 
 
 def _instrument(st: object, rec: Recorder | None, pipe: Pipe, out: StepOut) -> None:

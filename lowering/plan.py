@@ -67,6 +67,7 @@ class Plan:
     pipe: Pipe | None = None              # the pipeline (pp > 1)
     stack: str = ""                       # path of the module marked 'layers'
     n_layers: int = 0
+    hidden: tuple[tuple[int, ...], torch.dtype] | None = None  # stack input: global shape, dtype
 
     @property
     def batch_ways(self) -> int:
@@ -127,8 +128,19 @@ def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = Fals
     _check_options(mesh, options)
     pipe, stack, n_layers = _pipeline(model, mesh, rules, options)
     trace = ShapeTrace()
+    seen: list[torch.Tensor] = []
+    hook = None
+    if pipe is not None:  # the hidden state entering the stack: what stages exchange
+        def watch(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen.append(args[0] if args else next(iter(kwargs.values())))
+        hook = model.get_submodule(stack)[0].register_forward_pre_hook(watch, with_kwargs=True)
     if batch is not None and seq is not None:
-        trace = check_activations(model, mesh, rules, batch=batch, seq=seq)
+        try:
+            trace = check_activations(model, mesh, rules, batch=batch, seq=seq)
+        finally:
+            if hook is not None:
+                hook.remove()
+    hidden = (tuple(seen[0].shape), seen[0].dtype) if seen else None
     rules.check_names(_used_names(model) | set(extra_names) | trace.names)
     modules = dict(model.named_modules())
     first: dict[int, str] = {}
@@ -154,7 +166,8 @@ def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = Fals
             fsdp_dim=fdim,
         ))
     return Plan(mesh=mesh, rules=rules, options=options, params=tuple(plans),
-                aliases=tuple(aliases), trace=trace, pipe=pipe, stack=stack, n_layers=n_layers)
+                aliases=tuple(aliases), trace=trace, pipe=pipe, stack=stack, n_layers=n_layers,
+                hidden=hidden)
 
 
 def _pipeline(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules,

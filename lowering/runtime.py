@@ -90,6 +90,16 @@ def stage_mesh(mesh: sl.Mesh) -> sl.Mesh:
 @contextlib.contextmanager
 def session(mesh: sl.Mesh, mode: Mode, *, rank: int = 0) -> Iterator[Session]:
     """Set up (and tear down) the process group a mode needs."""
+    if mode is Mode.RUN and dist.is_initialized():
+        # inside a torchrun job that made its own process group: use it, leave it alive
+        if dist.get_world_size() != mesh.size:
+            raise sl.ShardingError(
+                f"mesh {mesh!r} has {mesh.size} ranks but the process group has "
+                f"{dist.get_world_size()}; launch {mesh.size} processes or change the mesh")
+        device, _ = device_and_backend()
+        forget_dtensor_caches()
+        yield Session(mode, mesh, dist.get_rank(), device, *_device_mesh(mesh, device))
+        return
     if dist.is_initialized():
         raise sl.ShardingError(
             f"a {mode.value} session needs its own process group, but one is already "

@@ -50,6 +50,7 @@ class TrainResult:
     metrics: list[dict[str, object]] = field(default_factory=list)  # [step] name -> rank 0's value
     stage_records: dict[int, list[Record]] = field(default_factory=dict)  # pp coordinate -> step 0
     bubble: list[float] = field(default_factory=list)  # run mode, pp > 1: measured, per step
+    rank_records: dict[int, list[Record]] = field(default_factory=dict)  # run mode: every rank
 
 
 def group_axes(sess: Session) -> dict[str, tuple[str, int]]:
