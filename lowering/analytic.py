@@ -18,11 +18,17 @@ Per rank, per training step, S = payload bytes, with the ring formulas of
   n-1 backward, each 2 * b * (heads/tp) * (seq/n) * head_dim * 4 bytes.
 * ep (MoE): per MoE layer 2 all-to-alls forward (dispatch, combine) and 2 backward of
   the layer's dispatch buffer (experts x capacity x embed).
+* pp: per boundary a chunk touches, m sends (or receives) of this rank's block of one
+  microbatch's hidden state each way; and one all-reduce of every parameter held by
+  every stage (embeddings, final norm, head). Under pp every activation term above is
+  per microbatch (b/m rows, m times) and counts only this stage's layers; the head and
+  loss terms belong to the last stage.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -228,8 +234,12 @@ _FORMULAS = {
 }
 
 
-def analytic_volume(plan: Plan, model: nn.Module, *, batch: int, seq: int) -> dict[str, AxisVolume]:
-    """The formula volume per mesh axis for one training step on one rank."""
+def analytic_volume(plan: Plan, model: nn.Module, *, batch: int, seq: int,
+                    pp_rank: int = 0) -> dict[str, AxisVolume]:
+    """The formula volume per mesh axis for one training step on one rank (of pipeline
+    stage ``pp_rank``; ``model`` is then that stage's model)."""
+    if plan.pipe is not None:
+        return _pipelined(plan, model, batch=batch, seq=seq, pp_rank=pp_rank)
     mesh = plan.mesh
     batch_axes, seq_axes = _entry_axes(plan, "batch"), _entry_axes(plan, "seq")
     b_shards = math.prod(mesh.axis_size(a) for a in batch_axes)
@@ -252,6 +262,59 @@ def analytic_volume(plan: Plan, model: nn.Module, *, batch: int, seq: int) -> di
             vol.terms += _ep(plan, model, b * s)
         vol.terms += _moe_extra(plan, model, axis, b * s, batch_axes | seq_axes)
         out[axis] = vol
+    return out
+
+
+def _pipelined(plan: Plan, model: nn.Module, *, batch: int, seq: int,
+               pp_rank: int) -> dict[str, AxisVolume]:
+    """The terms of one pipeline stage: its parameters, its layers, per microbatch."""
+    pipe = plan.pipe
+    assert pipe is not None
+    m, held = pipe.microbatches, {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    chunks = pipe.chunks_of(pp_rank)
+    layers = sum(len(pipe.layers_of(c, plan.n_layers)) for c in chunks)
+    attn = tuple((b // m, *rest) for b, *rest in
+                 plan.trace.attention[:len(plan.trace.attention) * layers // max(plan.n_layers, 1)])
+    first, last = 0 in chunks, pipe.chunks - 1 in chunks
+    stack = f"{plan.stack}."
+
+    def has_grad(name: str) -> bool:  # outside the stack: only where it is used
+        return (name.startswith(stack) or (first and name in plan.pre)
+                or (last and name in plan.post))
+    stage = dataclasses.replace(plan, pipe=None, params=tuple(p for p in plan.params
+                                                             if p.name in held),
+                                trace=dataclasses.replace(plan.trace, attention=attn))
+    synced = dataclasses.replace(stage, params=tuple(p for p in stage.params if has_grad(p.name)))
+    out = analytic_volume(stage, model, batch=batch // m, seq=seq)
+    grads = {t.what for v in analytic_volume(synced, model, batch=batch // m, seq=seq).values()
+             for t in v.terms if t.what.startswith("grad ")}
+    # FSDP and shard_map regions (MoE experts) reduce each use's gradient as it happens,
+    # so once per microbatch; every other gradient once per step
+    each = {p.name for p in plan.params if p.fsdp_dim is not None
+            or p.name.rpartition(".")[0] in plan.trace.shard_map_modules}
+
+    def per_microbatch(t: Term) -> bool:
+        return not t.what.startswith("grad ") or t.what.split()[1] in each
+    for vol in out.values():
+        vol.terms = [dataclasses.replace(t, count=t.count * m) if per_microbatch(t) else t
+                     for t in vol.terms
+                     if (t.what in grads if t.what.startswith("grad ") else
+                         last or not ("vocab-parallel head" in t.what or "loss" in t.what))]
+    out["pp"] = AxisVolume("pp", "b*s*h per microbatch per boundary each way; shared "
+                                 "parameters' gradient all-reduce")
+    shape, dtype = plan.hidden or ((0,), None)
+    block = math.prod(shape) // m * (dtype.itemsize if dtype else 4)
+    for a in ("batch", "norm_seq", "embed"):
+        block //= math.prod(plan.mesh.axis_size(x) for x in _entry_axes(plan, a))
+    for c in chunks:
+        for peer, ops in ((c - 1, (Op.RECV, Op.SEND)), (c + 1, (Op.SEND, Op.RECV))):
+            if 0 <= peer <= pipe.chunks - 1:
+                out["pp"].terms += [Term(f"boundary {min(c, peer)}->{max(c, peer)} "
+                                         f"{'activations' if i == 0 else 'gradients'}",
+                                         op, m, block, pipe.pp) for i, op in enumerate(ops)]
+    out["pp"].terms += [Term(f"grad {p.name} (every stage holds it)", Op.ALL_REDUCE, 1,
+                             _local_numel(p, plan, gathered=False) * p.dtype.itemsize, pipe.pp)
+                        for p in stage.params if not p.name.startswith(stack)]
     return out
 
 

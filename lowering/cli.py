@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 import shardlang as sl
 from lowering.launch import launch_torchrun
 from lowering.modes import Layout, Parity, explain, run, simulate
-from lowering.pipeline import Schedule
+from lowering.pipeline import Schedule, describe_pipe
 from lowering.printer import print_explain
 from lowering.registry import resolve
 from lowering.runtime import under_torchrun
@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(meta tensors, any world size, no memory)")
     _common(e)
     who = e.add_mutually_exclusive_group()
-    who.add_argument("--rank", type=int, default=0, help="the rank to show (default 0)")
+    who.add_argument("--rank", type=int, default=None,
+                     help="the rank to show (default 0; with pp > 1, the first rank of "
+                          "every pipeline stage)")
     who.add_argument("--all-ranks", action="store_true", help="every rank's schedule")
     e.add_argument("--json", action="store_true", help="one JSON object (DESIGN.md schema)")
     e.add_argument("--terms", action="store_true", help="list every analytic term")
@@ -120,10 +122,14 @@ def _data(args: argparse.Namespace) -> Batches | None:
 
 def _cmd_explain(args: argparse.Namespace, console: Console) -> int:
     layout = _layout(args)
-    ranks = list(range(layout.mesh.size)) if args.all_ranks else [args.rank]
+    stage = layout.mesh.size // layout.mesh.pp
+    ranks = (list(range(layout.mesh.size)) if args.all_ranks else
+             [args.rank] if args.rank is not None else [s * stage for s in range(layout.mesh.pp)])
     ex = explain(layout, ranks=ranks)
     if args.json:
         out = schedule_json(ex.schedules, analytic={a: v.json() for a, v in ex.analytic.items()})
+        if ex.plan.pipe is not None:
+            out["pipeline"] = describe_pipe(ex.plan.pipe, ex.plan.n_layers, ex.plan.stack)
         print(json.dumps(out))
         return 0
     print_explain(ex.schedules, ex.plan, ex.analytic, console, traced=ex.traced,

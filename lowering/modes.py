@@ -43,7 +43,13 @@ class Layout:
     virtual: int | None = None       # default: 2 for interleaved, else 1
 
     def shapes(self, model: torch.nn.Module) -> tuple[int, int]:
-        return self.batch or self.model.batch, self.seq or self.model.default_seq(model)
+        """(batch, seq). Under a pipeline the default batch is the preset's batch per
+        microbatch (times the microbatches), so a preset runs on any pp as it is."""
+        batch = self.batch
+        if batch is None:
+            m = (self.microbatches or self.mesh.pp) if self.mesh.pp > 1 else 1
+            batch = self.model.batch * m
+        return batch, self.seq or self.model.default_seq(model)
 
     def plan(self, model: torch.nn.Module) -> Plan:
         batch, seq = self.shapes(model)
@@ -77,7 +83,7 @@ def traced_ranks(mesh: sl.Mesh, ranks: Sequence[int] | None) -> list[int]:
 
 
 def _dry_trace(layout: Layout, rank: int, data: Batches, model: torch.nn.Module | None = None
-               ) -> tuple[Plan, dict[int, list[Record]], torch.nn.Module]:
+               ) -> tuple[Plan, dict[int, list[Record]], dict[int, torch.nn.Module]]:
     """Trace one step on meta tensors; records per pipeline coordinate (all of them)."""
     # a trace distributes the model in place: each traced rank gets a fresh meta build
     model = model or layout.model.build(seed=layout.seed, meta=True)
@@ -85,11 +91,11 @@ def _dry_trace(layout: Layout, rank: int, data: Batches, model: torch.nn.Module 
     cfg = layout.config(plan, model, steps=1)
     with session(layout.mesh, Mode.DRY, rank=rank) as sess:
         if plan.pipe is None:
-            return plan, {0: train(model, plan, sess, data, cfg).records}, model
+            return plan, {0: train(model, plan, sess, data, cfg).records}, {0: model}
         models = {0: model} | {r: layout.model.build(seed=layout.seed, meta=True)
                                for r in range(1, layout.mesh.pp)}
         result = train_pipeline(models, plan, sess, data, cfg)
-    return plan, result.stage_records, model
+    return plan, result.stage_records, models
 
 
 def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
@@ -104,18 +110,21 @@ def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
     fresh: torch.nn.Module | None = layout.model.build(seed=layout.seed, meta=True)
     data = data or ArithmeticSequences(layout.model.vocab_size(fresh))
     traces: dict[int, dict[int, list[Record]]] = {}
-    plan = model = None
+    plan = models = None
     stage = layout.mesh.size // layout.mesh.pp
     for r in traced_ranks(layout.mesh, want):
-        plan, traces[r], model = _dry_trace(layout, r, data, fresh)
+        plan, traces[r], models = _dry_trace(layout, r, data, fresh)
         fresh = None
-    assert plan is not None and model is not None, "at least one rank is traced"
+    assert plan is not None and models is not None, "at least one rank is traced"
+    shown = want[0] // stage  # the totals compare the first asked-for rank's stage
+    model = models[shown]
     batch, seq = layout.shapes(model)
     sched = RankSchedules(layout.mesh, {"name": layout.model.name, "params": plan.n_params},
                           {r: traces.get(r % stage, traces[min(traces)])[r // stage]
                            for r in want})
     traced = sorted(pp * stage + r for r in traces for pp in range(layout.mesh.pp))
-    return Explained(plan, sched, analytic_volume(plan, model, batch=batch, seq=seq), traced)
+    return Explained(plan, sched, analytic_volume(plan, model, batch=batch, seq=seq,
+                                                  pp_rank=shown), traced)
 
 
 def gather_records(records: list[Record], world: int) -> dict[int, list[Record]]:

@@ -24,7 +24,7 @@ import shardlang as sl
 from shardlang.errors import closest, divisors
 
 __all__ = ["Schedule", "Pipe", "Action", "Kind", "actions", "timeline", "gantt_rows",
-           "bubble_theory", "bubble_of", "check_pipe"]
+           "bubble_theory", "bubble_of", "check_pipe", "describe_pipe"]
 
 
 class Schedule(enum.Enum):
@@ -264,3 +264,16 @@ def gantt_rows(pipe: Pipe, slots: Sequence[Slot] | None = None, *,
                 cells[t] = label[:width].ljust(width)
         rows.append(f"pp={r} |" + "|".join(cells) + "|")
     return rows
+
+
+def describe_pipe(pipe: Pipe, n_layers: int, stack: str) -> dict[str, object]:
+    """The pipeline as data (``explain --json``'s ``"pipeline"``, and the printer's)."""
+    slots = timeline(pipe)
+    return {
+        "schedule": pipe.schedule.value, "pp": pipe.pp, "virtual_stages": pipe.virtual,
+        "microbatches": pipe.microbatches, "stack": stack,
+        "layers": {str(r): [list(pipe.layers_of(c, n_layers)) for c in pipe.chunks_of(r)]
+                   for r in range(pipe.pp)},
+        "bubble": {"theory": bubble_theory(pipe), "scheduled": bubble_of(slots, pipe.pp)},
+        "gantt": gantt_rows(pipe, slots),
+    }

@@ -7,6 +7,7 @@ plan by dry, simulate or run mode (:mod:`lowering.modes`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ class Plan:
     stack: str = ""                       # path of the module marked 'layers'
     n_layers: int = 0
     hidden: tuple[tuple[int, ...], torch.dtype] | None = None  # stack input: global shape, dtype
+    pre: frozenset[str] = frozenset()    # parameters used before the stack (first stage)
+    post: frozenset[str] = frozenset()   # ... and after it (last stage)
 
     @property
     def batch_ways(self) -> int:
@@ -128,19 +131,10 @@ def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = Fals
     _check_options(mesh, options)
     pipe, stack, n_layers = _pipeline(model, mesh, rules, options)
     trace = ShapeTrace()
-    seen: list[torch.Tensor] = []
-    hook = None
-    if pipe is not None:  # the hidden state entering the stack: what stages exchange
-        def watch(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            seen.append(args[0] if args else next(iter(kwargs.values())))
-        hook = model.get_submodule(stack)[0].register_forward_pre_hook(watch, with_kwargs=True)
+    around = _Around(model, stack) if pipe is not None else None
     if batch is not None and seq is not None:
-        try:
+        with around or contextlib.nullcontext():
             trace = check_activations(model, mesh, rules, batch=batch, seq=seq)
-        finally:
-            if hook is not None:
-                hook.remove()
-    hidden = (tuple(seen[0].shape), seen[0].dtype) if seen else None
     rules.check_names(_used_names(model) | set(extra_names) | trace.names)
     modules = dict(model.named_modules())
     first: dict[int, str] = {}
@@ -167,7 +161,54 @@ def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = Fals
         ))
     return Plan(mesh=mesh, rules=rules, options=options, params=tuple(plans),
                 aliases=tuple(aliases), trace=trace, pipe=pipe, stack=stack, n_layers=n_layers,
-                hidden=hidden)
+                hidden=around.hidden if around else None,
+                pre=frozenset(around.names("pre", aliases)) if around else frozenset(),
+                post=frozenset(around.names("post", aliases)) if around else frozenset())
+
+
+class _Around:
+    """Watches the meta shape check of a pipelined model: the hidden state entering the
+    layer stack (what stages exchange) and which parameters are used before the stack
+    (first stage) and after it (last stage)."""
+
+    def __init__(self, model: nn.Module, stack: str) -> None:
+        self.model, self.layers = model, model.get_submodule(stack)
+        self.hidden: tuple[tuple[int, ...], torch.dtype] | None = None
+        self.phase = "pre"
+        self.used: dict[str, set[nn.Module]] = {"pre": set(), "post": set()}
+        self.handles: list = []
+
+    def __enter__(self) -> _Around:
+        def enter(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            if self.hidden is None:
+                self.hidden = (tuple(x.shape), x.dtype)
+            self.phase = "in"
+
+        def leave(mod: nn.Module, args: tuple, out: object) -> None:
+            self.phase = "post"
+
+        def use(mod: nn.Module, args: tuple) -> None:
+            if self.phase in self.used:
+                self.used[self.phase].add(mod)
+        self.handles = [self.layers[0].register_forward_pre_hook(enter, with_kwargs=True),
+                        self.layers[-1].register_forward_hook(leave),
+                        nn.modules.module.register_module_forward_pre_hook(use)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def names(self, phase: str, aliases: list[tuple[str, str]]) -> set[str]:
+        canon = dict(aliases)
+        out = set()
+        for prefix, mod in self.model.named_modules(remove_duplicate=False):
+            if mod in self.used[phase]:
+                for n, _ in mod.named_parameters(recurse=False, remove_duplicate=False):
+                    full = f"{prefix}.{n}" if prefix else n
+                    out.add(canon.get(full, full))
+        return out
 
 
 def _pipeline(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules,

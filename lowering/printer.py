@@ -10,11 +10,13 @@ from rich.table import Table
 
 from lowering.analytic import AxisVolume, unexplained
 from lowering.sequence import causal_work
+from lowering.pipeline import describe_pipe
 from lowering.placements import describe
 from lowering.plan import Plan
 from lowering.schedule import RankSchedules, Record, totals
 
-__all__ = ["print_explain", "print_plan", "schedule_table", "group_ranks", "human"]
+__all__ = ["print_explain", "print_plan", "print_pipeline", "schedule_table", "group_ranks",
+           "human"]
 
 
 def human(n: float) -> str:
@@ -43,15 +45,28 @@ def _ranks_label(ranks: Sequence[int]) -> str:
 
 def print_plan(plan: Plan, console: Console) -> None:
     t = Table(title=f"Parameters on {plan.mesh!r}", title_justify="left")
-    for col in ("parameter", "shape", "logical axes", "spec", "placements", "role"):
+    cols = ["parameter", "shape", "logical axes", "spec", "placements", "role"]
+    for col in cols + (["pp stage"] if plan.pipe else []):
         t.add_column(col, overflow="fold")
     for p in plan.params:
         axes = "(none: replicated)" if p.axes is None else str(p.axes)
         role = p.role.value + (f", fsdp dim {p.fsdp_dim}" if p.fsdp_dim is not None else "")
-        t.add_row(p.name, str(p.shape), axes, repr(p.spec), describe(p.placements, plan.mesh), role)
+        row = [p.name, str(p.shape), axes, repr(p.spec), describe(p.placements, plan.mesh), role]
+        t.add_row(*row, *([_stage_of(plan, p.name)] if plan.pipe else []))
     for alias, target in plan.aliases:
-        t.add_row(alias, "", "", "", f"= {target} (tied)", "")
+        t.add_row(alias, "", "", "", f"= {target} (tied)", "", *([""] if plan.pipe else []))
     console.print(t)
+
+
+def _stage_of(plan: Plan, name: str) -> str:
+    """The pipeline rank that holds a parameter ("every" outside the layer stack)."""
+    assert plan.pipe is not None
+    head = f"{plan.stack}."
+    if not name.startswith(head):
+        return "every (grads summed over pp)"
+    layer = int(name[len(head):].split(".")[0])
+    chunk = layer // (plan.n_layers // plan.pipe.chunks)
+    return f"pp={plan.pipe.rank_of(chunk)}"
 
 
 def schedule_table(title: str, recs: Sequence[Record], s: RankSchedules, rank: int) -> Table:
@@ -93,6 +108,8 @@ def print_explain(s: RankSchedules, plan: Plan, analytic: dict[str, AxisVolume],
     console.print(f"[bold]{s.model['name']}[/] ({s.model['params']:,} parameters) on "
                   f"[bold]{s.mesh!r}[/]: world size {s.mesh.size}")
     print_plan(plan, console)
+    if plan.pipe is not None:
+        print_pipeline(plan, console)
     if traced and len(traced) < len(s.ranks):
         console.print(f"traced rank(s) {list(traced)}; every rank runs the same SPMD program, "
                       "so the others issue the same collectives over their own groups")
@@ -118,6 +135,36 @@ def print_explain(s: RankSchedules, plan: Plan, analytic: dict[str, AxisVolume],
                 t.add_row(term.what, term.op.value, str(term.count), human(term.payload),
                           human(term.wire_bytes))
             console.print(t)
+
+
+def print_pipeline(plan: Plan, console: Console, *, measured: Sequence[float] = ()) -> None:
+    """The pipeline's stages, a text Gantt chart of its schedule and its bubble."""
+    assert plan.pipe is not None
+    d = describe_pipe(plan.pipe, plan.n_layers, plan.stack)
+    pipe = plan.pipe
+    console.print(f"[bold]Pipeline[/]: {pipe.schedule.value}, pp={pipe.pp}, "
+                  f"{pipe.microbatches} microbatches, {pipe.virtual} chunk(s) per rank; "
+                  f"{plan.stack} ({plan.n_layers} layers) split as:")
+    for r, chunks in d["layers"].items():  # type: ignore[union-attr]
+        spans = ", ".join(f"layers {c[0]}-{c[-1]}" if len(c) > 1 else f"layer {c[0]}"
+                          for c in chunks)
+        extra = []
+        if r == "0":
+            extra.append("+ embedding")
+        if str(pipe.rank_of(pipe.chunks - 1)) == r:
+            extra.append("+ head and loss")
+        console.print(f"  pp={r}: {spans} {' '.join(extra)}")
+    unit = "one chunk's forward" if pipe.virtual > 1 else "one stage's forward"
+    console.print(f"Gantt chart (a cell = {unit}; backward the same; F = forward, "
+                  "b = backward, digit = microbatch, . = idle):", markup=False)
+    for row in d["gantt"]:  # type: ignore[union-attr]
+        console.print("  " + row, markup=False, highlight=False)
+    b = d["bubble"]
+    line = (f"bubble: theory (p-1)/(m+p-1){'/v' if pipe.virtual > 1 else ''} = "
+            f"{b['theory']:.1%}; as scheduled above {b['scheduled']:.1%}")  # type: ignore[index]
+    if measured:
+        line += f"; measured (run mode, per step) {', '.join(f'{x:.1%}' for x in measured)}"
+    console.print(line)
 
 
 def _print_sequence_work(plan: Plan, console: Console) -> None:
