@@ -135,3 +135,65 @@ def test_03_sequence_parallel_ring_attention() -> None:
     assert "blocks.0 wire bytes: plain TP 262,144 B, Megatron-SP 262,144 B: equal" in out
     assert "gpt-tiny on Mesh(tp=2), Megatron-SP: parity ok = True" in out
     assert "NOT EQUAL" not in out
+
+
+def test_05_pipeline_schedules() -> None:
+    out = run_tutorial("05_pipeline_schedules.py")
+    p, m, v = 4, 8, 2
+    # (a) the layer stack split over pp: consecutive layers, embedding first, head last
+    assert "self.blocks = sl.axes(nn.ModuleList(" in out and '"layers")' in out
+    assert "pp rank 0: chunks [0] -> layers [[0, 1]] + embedding (wte, wpe)\n" in out
+    assert "pp rank 1: chunks [1] -> layers [[2, 3]] + final norm, head and loss\n" in out
+    assert "pp rank 2: chunks [2] -> layers [[2]]\n" in out
+    assert "pp rank 1: chunks [1, 3] -> layers [[1], [3]] + final norm, head and loss\n" in out
+    assert out.count("every layer on exactly one pipeline rank: yes") == 3
+    # (b) Gantt charts: every rank does m*v forwards and m*v backwards, and idles 2(p-1)
+    for name, vv in (("gpipe", 1), ("1f1b", 1), ("interleaved", v)):
+        chart = out.split(f"\n{name} (pp={p}, m={m}, v={vv}):\n", 1)[1]
+        rows = [ln.strip() for ln in chart.splitlines()[:p]]
+        assert [r.split(" ")[0] for r in rows] == [f"pp={r}" for r in range(p)]
+        cells = [r.split("|")[1:-1] for r in rows]
+        assert all(sum(c.startswith("F") for c in cs) == m * vv for cs in cells), name
+        assert all(sum(c.startswith("b") for c in cs) == m * vv for cs in cells), name
+        assert all(cs.count("..") == 2 * (p - 1) for cs in cells), name
+        # the bubbles: the formula computed here, the timeline as idle cells of the chart
+        theory = (p - 1) / (m + p - 1) / vv
+        idle = sum(cs.count("..") for cs in cells) / sum(len(cs) for cs in cells)
+        line = re.search(rf"  {name} bubble: theory .* = ([\d.]+) \(.*\); timeline ([\d.]+) ",
+                         out)
+        assert line, name
+        assert float(line.group(1)) == round(theory, 4), name
+        assert float(line.group(2)) == round(idle, 4), name
+    # GPipe and 1F1B idle the same; interleaving is below the formula's (p-1)/(m+p-1)
+    assert "gpipe bubble: theory (p-1)/(m+p-1) = 3/11 = 0.2727 (27.3%); timeline 0.2727" in out
+    assert "1f1b bubble: theory (p-1)/(m+p-1) = 3/11 = 0.2727 (27.3%); timeline 0.2727" in out
+    assert "interleaved bubble: theory (p-1)/(m+p-1)/v = 3/11/2 = 0.1364" in out
+    assert (f"(p-1)/(v*m+p-1) = 3/19 = {(p - 1) / (v * m + p - 1):.4f}: equal to the timeline"
+            in out)
+    # activation memory: GPipe keeps all m alive, 1F1B p - rank
+    assert f"gpipe activations alive per rank: {[m] * p}" in out
+    assert f"1f1b activations alive per rank: {[p - r for r in range(p)]}" in out
+    assert (f"gpipe 48, 1f1b 48 (2*m*(p-1) = {2 * m * (p - 1)}), interleaved 112 "
+            f"(2*m*(p*v-1) = {2 * m * (p * v - 1)})") in out
+    # (c) the bubble against m: formula (computed here) = timeline; 1F1B only from m = p
+    for mm in range(1, 17):
+        want = f"{(p - 1) / (mm + p - 1):.4f}"
+        row = re.search(rf"\n +{mm} \| +(\S+) \| +(\S+) \| +(\S+)\n", out)
+        assert row, mm
+        assert row.group(1) == row.group(2) == want, mm
+        assert row.group(3) == (want if mm >= p else "-"), mm
+    # (d) the recorded boundary traffic: m sends and m receives per direction of b*s*h*4 B
+    assert "4 sends and 4 receives of microbatch*seq*width*4 = 8*32*64*4 = 65,536 B" in out
+    assert "activations rank 0 -> rank 1: 4 sends, 4 receives of [65536] B: equal" in out
+    assert "gradients   rank 1 -> rank 0: 4 sends, 4 receives of [65536] B: equal" in out
+    assert out.count("pipeline 0->1 (activation, microbatch") == 8   # rank 0 sends, 1 receives
+    assert out.count("pipeline 0->1 (gradient, microbatch") == 8
+    assert len(re.findall(r"forward  send to rank 1 +pipeline 0->1 \(activation, microbatch "
+                          r"\d\) +\(8, 32, 64\) 65,536 B", out)) == 4
+    assert "actions(pipe, 0)'s sends and receives: yes" in out
+    assert "actions(pipe, 1)'s sends and receives: yes" in out
+    # ... and the pipelined step matches one device
+    assert re.search(r"worst gradient error \S+ in \S+ on rank \d; worst loss error \S+", out)
+    assert ("gpt-tiny on Mesh(pp=2), 1f1b, m=4: parity ok = True; "
+            "the pipelined run matched one device") in out
+    assert "NOT EQUAL" not in out and "MISMATCH" not in out and "NOT the timeline" not in out

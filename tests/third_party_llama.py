@@ -90,3 +90,10 @@ def annotated() -> nn.Module:
         "*norm.weight": ("embed",),
     })
     return model
+
+
+def pipelined() -> nn.Module:
+    """``annotated`` with its layer stack marked for pipeline parallelism, from outside."""
+    import shardlang as sl
+
+    return sl.annotate(annotated(), {"layers": ("layers",)})
