@@ -20,7 +20,7 @@ __all__ = [
     "funcol", "LocalTensor", "LocalTensorMode", "ModTracker", "implicit_replication",
     "loss_parallel", "in_backward", "rank_values", "local_tensor_mode", "init_fake", "per_rank",
     "host_values", "own_copy_per_rank", "forget_dtensor_caches", "rank_index",
-    "interleaved_order",
+    "interleaved_order", "default_store", "group_ranks",
 ]
 
 
@@ -108,3 +108,17 @@ def interleaved_order(pp: int, virtual: int, microbatches: int,
     return [(a.stage_index, a.computation_type.name, a.microbatch_index or 0)
             for a in sched.pipeline_order_with_comms[rank]
             if a is not None]
+
+
+def default_store():  # noqa: ANN201
+    """The default process group's key-value store (run mode's rendezvous store)."""
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()
+
+
+def group_ranks(group_name: str) -> list[int]:
+    """The global ranks of a process group, from its name."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return dist.get_process_group_ranks(_resolve_process_group(group_name))

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
 import shardlang as sl
+from lowering.debug import (describe_value, divergences, inspect, print_divergences,
+                            print_inspection, print_ranks, sharding_of, show_sharding)
 from lowering.launch import launch_torchrun
 from lowering.modes import Layout, Parity, explain, run, simulate
 from lowering.pipeline import Schedule, describe_pipe
@@ -80,13 +82,36 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--all-ranks", action="store_true", help="every rank's schedule")
     e.add_argument("--json", action="store_true", help="one JSON object (DESIGN.md schema)")
     e.add_argument("--terms", action="store_true", help="list every analytic term")
+    e.add_argument("--show", metavar="NAME", action="append", default=[],
+                   help="show which rank holds which block of a parameter (e.g. "
+                        "blocks.0.attn.q.weight) or of a module's output (e.g. blocks.0.attn); "
+                        "repeatable")
     s = sub.add_parser("simulate", help="run every rank inside this process")
     _common(s)
     _training(s)
+    s.add_argument("--inspect", metavar="SITE",
+                   help="run one step and show every rank's local value of module SITE's "
+                        "output (e.g. blocks.0.mlp)")
+    s.add_argument("--phase", choices=("forward", "backward"), default="forward",
+                   help="with --inspect: the output (forward) or the gradient arriving at "
+                        "it (backward)")
+    s.add_argument("--microbatch", type=int, default=None,
+                   help="with --inspect under a pipeline: which microbatch (default 0)")
+    s.add_argument("--show-rank", type=int, default=None, metavar="R",
+                   help="with --inspect: only rank R")
     r = sub.add_parser("run", help="train with torchrun, one process per rank "
                                    "(nccl on CUDA, else gloo)")
     _common(r)
     _training(r)
+    r.add_argument("--check-collectives", choices=("first", "all", "off"), default="first",
+                   help="check every collective's signature across its group before issuing "
+                        "it, with a time limit (SHARDLANG_CHECK_TIMEOUT, default 60 s): on "
+                        "the first step (default), on all steps, or off")
+    r.add_argument("--launch-anyway", action="store_true",
+                   help="launch even when the pre-launch check predicts a hang")
+    r.add_argument("--inspect", metavar="SITE",
+                   help="after the run, one more step: every rank prints its local value of "
+                        "module SITE's output, in rank order")
     r.add_argument("--timeout", type=float, default=600,
                    help="seconds before a launch is stopped (default 600)")
     r.add_argument("--schedule-json", metavar="FILE",
@@ -125,15 +150,25 @@ def _cmd_explain(args: argparse.Namespace, console: Console) -> int:
     stage = layout.mesh.size // layout.mesh.pp
     ranks = (list(range(layout.mesh.size)) if args.all_ranks else
              [args.rank] if args.rank is not None else [s * stage for s in range(layout.mesh.pp)])
+    for name in args.show:
+        shape, pl, spec, where, holders = sharding_of(layout, name)
+        show_sharding(name, shape, pl, layout.mesh, console, spec=spec, stage=where,
+                      ranks=holders)
+    if args.show and not args.all_ranks and args.rank is None:
+        return 0
     ex = explain(layout, ranks=ranks)
+    found = divergences(ex.schedules.ranks, layout.mesh) if len(ex.traced) > 1 else []
     if args.json:
         out = schedule_json(ex.schedules, analytic={a: v.json() for a, v in ex.analytic.items()})
         if ex.plan.pipe is not None:
             out["pipeline"] = describe_pipe(ex.plan.pipe, ex.plan.n_layers, ex.plan.stack)
+        out["divergences"] = [str(d) for d in found]
         print(json.dumps(out))
         return 0
     print_explain(ex.schedules, ex.plan, ex.analytic, console, traced=ex.traced,
                   verbose_terms=args.terms)
+    if len(ex.traced) > 1:
+        print_divergences(found, console, checked=len(ex.traced))
     return 0
 
 
@@ -182,6 +217,10 @@ def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     console.print(f"simulating {layout.model.name} on {layout.mesh!r}: {layout.mesh.size} "
                   "ranks in this process")
     progress, on_step = _progress(args.steps, console, "simulate")
+    if args.inspect:
+        ins = inspect(layout, args.inspect, phase=args.phase, microbatch=args.microbatch)
+        print_inspection(ins, console, rank=args.show_rank)
+        return 0
     with progress:
         _, parity = simulate(layout, steps=args.steps, check=args.check, data=_data(args),
                              lr=args.lr, on_step=on_step)
@@ -191,14 +230,26 @@ def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) -> int:
     layout = _layout(args)
     if not under_torchrun():
-        explain(layout)  # validate the whole layout (dry trace) before starting processes
+        # validate the whole layout (a dry trace of every rank, up to 16) before launching
+        ex = explain(layout, ranks=list(range(layout.mesh.size)))
+        found = divergences(ex.schedules.ranks, layout.mesh) if len(ex.traced) > 1 else []
+        if found:
+            console.print("[red]pre-launch check: a hang is predicted[/]", highlight=False)
+            console.print(str(found[0]), markup=False, highlight=False)
+            if not args.launch_anyway:
+                console.print("not launching (--launch-anyway launches regardless; the "
+                              "collective check would then stop the run)")
+                return 2
         console.print(f"launching torchrun: {layout.mesh.size} processes for {layout.mesh!r}")
         return launch_torchrun(layout.mesh.size, argv, timeout=args.timeout)
     progress, on_step = _progress(args.steps, console, "run")
     rank0 = _env_rank() == 0
     with progress if rank0 else contextlib.nullcontext():
         result, parity = run(layout, steps=args.steps, check=args.check, data=_data(args),
-                             lr=args.lr, on_step=on_step if rank0 else None)
+                             lr=args.lr, on_step=on_step if rank0 else None,
+                             check_collectives=args.check_collectives)
+    if args.inspect:
+        _inspect_run(layout, args.inspect)
     if args.schedule_json and rank0:
         from lowering.schedule import RankSchedules
 
@@ -212,6 +263,19 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) ->
     if parity is None or (not rank0 and parity.ok):
         return 0
     return _report(parity, console)  # rank 0 always reports; another rank when it fails
+
+
+def _inspect_run(layout: Layout, site: str) -> None:
+    """Run mode: one step more, every rank's local value of ``site``, in rank order."""
+    import torch.distributed as dist
+
+    ins = inspect(layout, site, run_mode=True)
+    dist.init_process_group("gloo")  # a small group of our own for the ordered printing
+    try:
+        lines = "\n".join(f"{site} forward: {describe_value(v)}" for v in ins.values.values())
+        print_ranks(lines, layout.mesh)
+    finally:
+        dist.destroy_process_group()
 
 
 def _env_rank() -> int:

@@ -7,7 +7,7 @@ schedule for the same rank.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +16,7 @@ import shardlang as sl
 from lowering.analytic import AxisVolume, analytic_volume
 from lowering.plan import Plan, lower
 from lowering.registry import ModelRef
-from lowering.runtime import Mode, session
+from lowering.runtime import Mode, Session, session
 from lowering.schedule import RankSchedules, Record
 from lowering.train import (StepCallback, TrainConfig, TrainResult, reference, train,
                             train_pipeline)
@@ -82,7 +82,8 @@ def traced_ranks(mesh: sl.Mesh, ranks: Sequence[int] | None) -> list[int]:
     return sorted({r % stage for r in ranks})
 
 
-def _dry_trace(layout: Layout, rank: int, data: Batches, model: torch.nn.Module | None = None
+def _dry_trace(layout: Layout, rank: int, data: Batches, model: torch.nn.Module | None = None,
+               watch: Callable[[dict[int, torch.nn.Module], Session], None] | None = None,
                ) -> tuple[Plan, dict[int, list[Record]], dict[int, torch.nn.Module]]:
     """Trace one step on meta tensors; records per pipeline coordinate (all of them)."""
     # a trace distributes the model in place: each traced rank gets a fresh meta build
@@ -90,16 +91,20 @@ def _dry_trace(layout: Layout, rank: int, data: Batches, model: torch.nn.Module 
     plan = layout.plan(model)
     cfg = layout.config(plan, model, steps=1)
     with session(layout.mesh, Mode.DRY, rank=rank) as sess:
-        if plan.pipe is None:
-            return plan, {0: train(model, plan, sess, data, cfg).records}, {0: model}
         models = {0: model} | {r: layout.model.build(seed=layout.seed, meta=True)
                                for r in range(1, layout.mesh.pp)}
+        if watch is not None:
+            watch(models, sess)
+        if plan.pipe is None:
+            return plan, {0: train(model, plan, sess, data, cfg).records}, {0: model}
         result = train_pipeline(models, plan, sess, data, cfg)
     return plan, result.stage_records, models
 
 
 def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
-            data: Batches | None = None) -> Explained:
+            data: Batches | None = None,
+            watch: Callable[[dict[int, torch.nn.Module], Session], None] | None = None,
+            ) -> Explained:
     """Dry mode: trace one step on meta tensors with the fake backend and return every
     asked-for rank's schedule (``ranks=None``: rank 0) and the analytic volumes."""
     want = list(ranks) if ranks is not None else [0]
@@ -113,8 +118,8 @@ def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
     plan = models = None
     stage = layout.mesh.size // layout.mesh.pp
     for r in traced_ranks(layout.mesh, want):
-        plan, traces[r], models = _dry_trace(layout, r, data, fresh)
-        fresh = None
+        plan, traces[r], models = _dry_trace(layout, r, data, fresh, watch)
+        fresh, watch = None, None
     assert plan is not None and models is not None, "at least one rank is traced"
     shown = want[0] // stage  # the totals compare the first asked-for rank's stage
     model = models[shown]
@@ -184,15 +189,23 @@ def simulate(layout: Layout, *, steps: int = 1, check: bool = False, data: Batch
 
 
 def run(layout: Layout, *, steps: int = 1, check: bool = False, data: Batches | None = None,
-        lr: float = 3e-3, on_step: StepCallback | None = None
-        ) -> tuple[TrainResult, Parity | None]:
-    """Run mode, inside a torchrun worker: this process is one rank."""
+        lr: float = 3e-3, on_step: StepCallback | None = None,
+        check_collectives: str = "first") -> tuple[TrainResult, Parity | None]:
+    """Run mode, inside a torchrun worker: this process is one rank. Collectives are
+    checked across their group before they are issued (``check_collectives``: the
+    ``"first"`` step, ``"all"`` steps or ``"off"``), so a divergence fails fast."""
+    if check_collectives not in ("first", "all", "off"):
+        raise sl.ShardingError(
+            f"--check-collectives {check_collectives!r}: choose first, all or off")
     return _train_mode(layout, Mode.RUN, steps=steps, check=check, data=data, lr=lr,
-                       on_step=on_step)
+                       on_step=on_step, check_collectives=check_collectives)
 
 
 def _train_mode(layout: Layout, mode: Mode, *, steps: int, check: bool, data: Batches | None,
-                lr: float, on_step: StepCallback | None
+                lr: float, on_step: StepCallback | None,
+                watch: Callable[[dict[int, torch.nn.Module], Session], None] | None = None,
+                finish: Callable[[Session], None] | None = None,
+                check_collectives: str = "first",
                 ) -> tuple[TrainResult, Parity | None]:
     if layout.model.dry_only:
         raise sl.ShardingError(
@@ -202,15 +215,20 @@ def _train_mode(layout: Layout, mode: Mode, *, steps: int, check: bool, data: Ba
     model = layout.model.build(seed=layout.seed)
     plan = layout.plan(model)
     data = data or ArithmeticSequences(layout.model.vocab_size(model))
-    cfg = layout.config(plan, model, steps=steps, lr=lr, keep_grads=check)
+    cfg = layout.config(plan, model, steps=steps, lr=lr, keep_grads=check,
+                        check_collectives=check_collectives)
     with session(layout.mesh, mode) as sess:
+        mine = [sess.rank // sess.stage_world] if mode is Mode.RUN else range(layout.mesh.pp)
+        models = {r: model if r == mine[0] else layout.model.build(seed=layout.seed)
+                  for r in mine}
+        if watch is not None:
+            watch(models, sess)
         if plan.pipe is None:
             result = train(model, plan, sess, data, cfg, on_step=on_step)
         else:
-            mine = [sess.rank // sess.stage_world] if mode is Mode.RUN else range(layout.mesh.pp)
-            models = {r: model if r == mine[0] else layout.model.build(seed=layout.seed)
-                      for r in mine}
             result = train_pipeline(models, plan, sess, data, cfg, on_step=on_step)
+        if finish is not None:
+            finish(sess)
         if mode is Mode.RUN:
             result.rank_records = gather_records(result.records, sess.world)
     parity = check_parity(result, reference(layout.model.factory, data, cfg)) if check else None

@@ -52,18 +52,18 @@ def print_plan(plan: Plan, console: Console) -> None:
         axes = "(none: replicated)" if p.axes is None else str(p.axes)
         role = p.role.value + (f", fsdp dim {p.fsdp_dim}" if p.fsdp_dim is not None else "")
         row = [p.name, str(p.shape), axes, repr(p.spec), describe(p.placements, plan.mesh), role]
-        t.add_row(*row, *([_stage_of(plan, p.name)] if plan.pipe else []))
+        t.add_row(*row, *([stage_of(plan, p.name)] if plan.pipe else []))
     for alias, target in plan.aliases:
         t.add_row(alias, "", "", "", f"= {target} (tied)", "", *([""] if plan.pipe else []))
     console.print(t)
 
 
-def _stage_of(plan: Plan, name: str) -> str:
+def stage_of(plan: Plan, name: str) -> str:
     """The pipeline rank that holds a parameter ("every" outside the layer stack)."""
     assert plan.pipe is not None
     head = f"{plan.stack}."
     if not name.startswith(head):
-        return "every (grads summed over pp)"
+        return "every stage (grads summed over pp)"
     layer = int(name[len(head):].split(".")[0])
     chunk = layer // (plan.n_layers // plan.pipe.chunks)
     return f"pp={plan.pipe.rank_of(chunk)}"

@@ -12,12 +12,16 @@ import contextlib
 import enum
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import shardlang as sl
 from torch.distributed.tensor import DTensor
+
+if TYPE_CHECKING:
+    from lowering.guard import CollectiveGuard
 
 from lowering._torch import ModTracker, in_backward
 
@@ -128,6 +132,7 @@ class Recorder(TorchDispatchMode):
         self._override: list[tuple[Op, tuple[int, ...] | None, int]] = []
         self._site: list[str] = []
         self._phase: list[Phase] = []
+        self.guard: CollectiveGuard | None = None  # run mode's collective check
 
     # -- context --------------------------------------------------------------
     @contextlib.contextmanager
@@ -228,11 +233,16 @@ class Recorder(TorchDispatchMode):
                 op = want  # a permute built from an all-to-all: relabel the op
             elif want is op and _numel(logical) * x.element_size() == nbytes:
                 shape = logical  # the same collective, shown in its logical shape
-        self.records.append(Record(
+        rec = Record(
             index=len(self.records), phase=self.current_phase(), site=self.current_site(),
             op=op, axis=axis, shape=shape, dtype=_dtype(x), bytes=nbytes, group_size=n,
             peer_shift=shift,
-        ))
+        )
+        if self.guard is not None:  # run mode: the group agrees before anyone issues it
+            self.guard.verify(str(group_name), {
+                "op": op.value, "axis": axis, "shape": list(shape), "dtype": rec.dtype,
+                "phase": rec.phase.value, "site": rec.site})
+        self.records.append(rec)
 
 
 _RECORDING: list[Recorder] = []

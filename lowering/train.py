@@ -39,6 +39,7 @@ class TrainConfig:
     seed: int = 0             # model init and data
     keep_grads: bool = False  # keep step 0's full gradients (for --check)
     microbatches: int = 1     # the single-device reference accumulates over these
+    check_collectives: str = "first"  # run mode: first step, "all" steps or "off"
     batch_ways: int = 1       # (how a pipeline splits the batch: see microbatch_rows)
 
 
@@ -86,7 +87,7 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
     # run mode: this process holds one rank's values; simulate: every rank's
     world = sess.world if sess and sess.mode is Mode.SIMULATE else 1
     dry = sess is not None and sess.mode is Mode.DRY
-    recorder = Recorder(group_axes(sess)) if sess else None
+    recorder = _guarded(Recorder(group_axes(sess)), sess, cfg) if sess else None
     ctx = None
     if plan is not None and dmesh is not None:
         distribute_model(model, plan, dmesh)
@@ -102,7 +103,7 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
                 idx, tgt = idx[:, order], tgt[:, order]
         if dry:
             idx, tgt = idx.to("meta"), tgt.to("meta")
-        rec = recorder if step == 0 else None
+        rec = recorder if step == 0 else _checker(sess, cfg, ctx)
         with _recording(rec), _active(ctx):
             if ctx is not None:
                 idx = ctx.constrain(idx, ("batch", "seq"))
@@ -135,6 +136,25 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
     if recorder is not None:
         result.records = recorder.records
     return result
+
+
+def _guarded(rec: Recorder, sess: Session, cfg: TrainConfig) -> Recorder:
+    """Run mode: check each collective across its group before issuing it."""
+    if sess.mode is Mode.RUN and cfg.check_collectives != "off":
+        from lowering.guard import CollectiveGuard
+        rec.guard = CollectiveGuard(sess.rank)
+    return rec
+
+
+def _checker(sess: Session | None, cfg: TrainConfig, ctx: DTensorContext | None
+             ) -> Recorder | None:
+    """After step 0: a throwaway recorder that only checks ("all"), else nothing."""
+    if sess is None or sess.mode is not Mode.RUN or cfg.check_collectives != "all":
+        return None
+    rec = _guarded(Recorder(group_axes(sess)), sess, cfg)
+    if ctx is not None:
+        ctx.recorder = rec
+    return rec
 
 
 def reference(factory: Callable[[], nn.Module], data: Batches, cfg: TrainConfig) -> TrainResult:
@@ -202,7 +222,7 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
     dry = sess.mode is Mode.DRY
     local = sess.stage_world if sess.mode is Mode.SIMULATE else 1
     stages = {r: StageModel(m, plan, pipe, r) for r, m in models.items()}
-    recs = {r: Recorder(group_axes(sess)) for r in stages}
+    recs = {r: _guarded(Recorder(group_axes(sess)), sess, cfg) for r in stages}
     ctxs: dict[int, DTensorContext | None] = {}
     opts = {}
     for r, st in stages.items():
@@ -234,7 +254,7 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
         elif run and sess.device != "cpu":
             idx, tgt = idx.to(sess.device), tgt.to(sess.device)
         on = step == 0
-        live = {r: (recs[r] if on else None) for r in stages}
+        live = {r: (recs[r] if on else _checker(sess, cfg, None)) for r in stages}
 
         @contextlib.contextmanager
         def active(r: int) -> Iterator[None]:

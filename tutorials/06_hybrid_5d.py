@@ -26,8 +26,11 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import multiprocessing
+import os
 import re
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 
 from rich.console import Console
 from rich.table import Table
@@ -102,32 +105,40 @@ def worst_gradient_error(parity: Parity) -> float:
     raise ValueError("parity reported no gradient error")
 
 
-def run_layout(name: str, *, explained: bool) -> dict[str, object]:
-    """Explain (optional) and simulate one layout; print its per-axis schedules."""
+def simulate_layout(name: str) -> dict[str, object]:
+    """simulate one layout for 1 step against one device; keep what the lesson prints."""
+    t0 = time.perf_counter()
+    result, parity = simulate(layout(MESHES[name]), steps=1, check=True)
+    return {"stage_records": result.stage_records, "losses": result.losses[0],
+            "parity": parity, "seconds": time.perf_counter() - t0}
+
+
+def run_layout(name: str, *, explained: bool, pending: Future | None = None) -> dict[str, object]:
+    """Explain (optional) and simulate one layout; print its per-axis schedules.
+    ``pending``: the layout's simulation, already running in a second process."""
     mesh = MESHES[name]
-    lay = layout(mesh)
     last = last_stage_rank(mesh)
     print(f"{mesh!r}: {mesh.size} ranks, {mesh.size // mesh.pp} per pipeline stage; "
           f"{MODEL.name}, {RULES!r}")
-    t0 = time.perf_counter()
     schedules: dict[int, list[Record]] = {}
     if explained:
         # explain traces one rank per stage on meta tensors; its analytic volumes are for
         # the first asked-for rank's stage, so ask once per stage
+        t0 = time.perf_counter()
         for r in (0, last):
-            ex = explain(lay, ranks=[r])
+            ex = explain(layout(mesh), ranks=[r])
             schedules[r] = ex.schedules.ranks[r]
             axis_ok = axis_lines(r, r // (mesh.size // mesh.pp), schedules[r], ex.analytic)
             print(f"  -> rank {r}: recorded = analytic on every axis "
                   f"({', '.join(axes_of(schedules[r]))}): {'yes' if axis_ok else 'NO'}")
             if not axis_ok:
                 raise SystemExit(f"{mesh!r} rank {r}: the schedule differs from the formulas")
-    t1 = time.perf_counter()
-    result, parity = simulate(lay, steps=1, check=True)
-    t2 = time.perf_counter()
-    assert parity is not None
+        print(f"(explain: {time.perf_counter() - t0:.1f} s)")
+    sim = pending.result() if pending is not None else simulate_layout(name)
+    parity = sim["parity"]
+    assert isinstance(parity, Parity)
     # simulate records step 0's schedule of each stage's first rank: the same as explain's
-    recorded = {0: result.stage_records[0], last: result.stage_records[mesh.pp - 1]}
+    recorded = {0: sim["stage_records"][0], last: sim["stage_records"][mesh.pp - 1]}
     if explained:
         same = all([x.signature() for x in recorded[r]] == [x.signature() for x in schedules[r]]
                    for r in recorded)
@@ -136,14 +147,14 @@ def run_layout(name: str, *, explained: bool) -> dict[str, object]:
     else:
         for r in (0, last):
             axis_lines(r, r // (mesh.size // mesh.pp), recorded[r], None)
-    losses = result.losses[0]
+    losses = sim["losses"]
     where = (f"on every one of the {len(losses)} ranks" if len(set(losses)) == 1
              else "per rank " + ", ".join(f"{v:.6f}" for v in losses))
     worst = worst_gradient_error(parity)
     print(f"simulate({mesh!r}, steps=1): loss {losses[0]:.6f} {where}")
     print(f"{mesh!r} vs one device: {'matched' if parity.ok else 'DIFFERENT'} "
           f"(worst gradient error {worst:.2e}; {parity.lines[-1]})")
-    print(f"time: explain {t1 - t0:.1f} s, simulate + single-device check {t2 - t1:.1f} s")
+    print(f"(simulate + single-device check: {sim['seconds']:.1f} s)")
     if not parity.ok:
         raise SystemExit(f"{mesh!r} does NOT match the single-device model")
     return {"mesh": mesh, "records": recorded, "parity": parity, "worst": worst}
@@ -178,15 +189,25 @@ def activation_bytes(runs: dict[str, dict], s: dict[str, int]) -> None:
         b, t = local_rows(mesh, s)
         want = b * t * s["E"] * 4
         recs = run["records"][0]
-        tp = sorted({r.bytes for r in recs if r.axis == "tp" and r.site.endswith(".o")})
+        tp = sorted({r.bytes for r in recs  # the dense blocks' Megatron all-reduces
+                     if r.axis == "tp" and re.fullmatch(r"blocks\.\d+", r.site)})
         pp = sorted({r.bytes for r in recs if r.axis == "pp" and r.op.value == "send"})
-        print(f"  {name}: b*s*h*4 = {b}*{t}*{s['E']}*4 = {want:,} B; attention output "
-              f"all-reduce over tp {tp} B, pipeline send {pp} B: "
+        print(f"  {name}: b*s*h*4 = {b}*{t}*{s['E']}*4 = {want:,} B; block all-reduces "
+              f"over tp {tp} B, pipeline send {pp} B: "
               f"{'equal' if tp == pp == [want] else 'DIFFERENT'}")
+    print("  (the MoE blocks' tp all-reduce carries the expert buffer instead: experts are")
+    print("  split over tp too, their rows summed like any row-parallel linear)")
 
 
 def main() -> None:
     start = time.perf_counter()
+    # The 5D simulation is the longest part (about a minute here); with 2 cores or more
+    # it starts now in a second process (spawned: a fresh interpreter, which simulates
+    # all 32 ranks on its own) while this one works through (a) and (b).
+    pool = None
+    if (os.cpu_count() or 1) > 1:
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        pending5 = pool.submit(simulate_layout, "5D")
     s = shapes()
     print(f"{MODEL.name}: batch {s['B']} (2 microbatches of {s['B'] // s['m']}) x seq {s['S']}, "
           f"width {s['E']}, {s['H']} heads of {s['D']}, {s['X']} experts top-{s['k']} in "
@@ -218,7 +239,9 @@ def main() -> None:
     print("the all-reduces on sp mirror those on dp.")
 
     header("(c) 5D: add ep=2, 32 ranks, every axis at size 2")
-    runs["5D"] = run_layout("5D", explained=False)
+    runs["5D"] = run_layout("5D", explained=False, pending=pending5 if pool else None)
+    if pool is not None:
+        pool.shutdown()
     mesh5 = MESHES["5D"]
     b, t = local_rows(mesh5, s)
     T = b * t
