@@ -14,11 +14,12 @@ three meshes. You will see:
   (b) 4D, add sp=2 (16 ranks): the ring-attention K/V permutes appear on sp, and every
       activation collective on the other axes halves (each rank holds half the tokens);
   (c) 5D, add ep=2 (32 ranks, all five axes): the MoE all-to-alls appear on ep, and
-      32 simulated ranks match one device;
+      32 ranks simulated in one process match one device;
   (d) one table: world size, rank 0's collectives per axis, the worst gradient error;
   (e) where each rank sits: the canonical order pp, dp, ep, sp, tp (tp innermost).
 
-Run it:  python tutorials/06_hybrid_5d.py   (about a minute on 2 CPU cores)
+Run it:  python tutorials/06_hybrid_5d.py   (under a minute on 2 CPU cores: the 5D
+simulation, the longest part, runs in a second process while (a) and (b) run here)
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def run_layout(name: str, *, explained: bool, pending: Future | None = None) -> 
     worst = worst_gradient_error(parity)
     print(f"simulate({mesh!r}, steps=1): loss {losses[0]:.6f} {where}")
     print(f"{mesh!r} vs one device: {'matched' if parity.ok else 'DIFFERENT'} "
-          f"(worst gradient error {worst:.2e}; {parity.lines[-1]})")
+          f"({parity.lines[-1]})")
     print(f"(simulate + single-device check: {sim['seconds']:.1f} s)")
     if not parity.ok:
         raise SystemExit(f"{mesh!r} does NOT match the single-device model")
@@ -216,11 +217,13 @@ def main() -> None:
 
     header("(a) 3D: Mesh(pp=2, dp=2, tp=2), 8 ranks")
     runs["3D"] = run_layout("3D", explained=True)
-    print("Both stages all-reduce gradients over dp and activations over tp (2 per block per")
-    print("microbatch forward, 2 backward); the last stage adds the vocab-parallel head and")
-    print("loss (3 small all-reduces of b*s values per microbatch). On pp: 2 sends forward")
-    print("and 2 receives backward (one per microbatch), then the gradients of the weights")
-    print("both stages hold (wte, wpe, ln_f) are summed over pp.")
+    print("Per microbatch, tp all-reduces each dense block's attention and MLP outputs")
+    print("(forward) and their inputs' gradients (backward); an MoE block's second one")
+    print("carries the expert buffer. The vocab-parallel embedding and head add one each")
+    print("way, and the last stage the loss: 3 small all-reduces of b*s values. dp sums the")
+    print("gradients of the weights a stage holds. On pp: 2 sends forward and 2 receives")
+    print("backward (one per microbatch), then the gradients of the weights both stages")
+    print("hold (wte, wpe, ln_f) are summed over pp.")
 
     header("(b) 4D: add sp=2, 16 ranks: ring attention on sp")
     runs["4D"] = run_layout("4D", explained=True)
@@ -256,6 +259,8 @@ def main() -> None:
               f"{payload:,} B (T = {b}*{t} = {T} tokens, C = ceil({s['cf']}*{s['k']}*{T}/"
               f"{s['X']}) = {C}): {'equal' if ok else 'DIFFERENT'}")
     print("Rank 0 holds blocks 0-1 (MoE in block 1), rank 16 blocks 2-3 (MoE in block 3).")
+    print("Rank 16's order is 1F1B's: the last stage runs microbatch 0's backward before")
+    print("microbatch 1's forward; rank 0 runs both forwards first (its warm-up).")
     print("ep also splits the batch (batch -> (dp, ep)), so the dense weights' gradients are")
     print("summed over ep too; the experts' are not: each ep rank owns its own experts.")
     print("Activation payloads per microbatch, b*s*h*4 with this rank's rows and tokens:")
@@ -265,11 +270,12 @@ def main() -> None:
     table = Table(title="rank 0's collectives in one training step", title_justify="left")
     for col in ("layout", "mesh", "world", *MESH_AXES, "wire bytes", "worst grad error",
                 "vs one device"):
-        table.add_column(col, justify="left" if col in ("layout", "mesh") else "right")
+        table.add_column(col, justify="left" if col in ("layout", "mesh") else "right",
+                         no_wrap=True)
     for name, run in runs.items():
         per = totals(run["records"][0])["axis"]
         wire = sum(v["wire_bytes"] for v in per.values())
-        table.add_row(name, repr(run["mesh"]), str(run["mesh"].size),
+        table.add_row(name, str(run["mesh"]), str(run["mesh"].size),
                       *(str(int(per[a]["count"])) if a in per else "-" for a in MESH_AXES),
                       f"{wire:,.0f}", f"{run['worst']:.1e}",
                       "matched" if run["parity"].ok else "DIFFERENT")
