@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--launch-anyway", action="store_true",
                    help="launch even when the pre-launch check predicts a hang")
     r.add_argument("--inspect", metavar="SITE",
-                   help="after the run, one more step: every rank prints its local value of "
-                        "module SITE's output, in rank order")
+                   help="instead of training: one step in which every rank prints its local "
+                        "value of module SITE's output, in rank order")
     r.add_argument("--timeout", type=float, default=600,
                    help="seconds before a launch is stopped (default 600)")
     r.add_argument("--schedule-json", metavar="FILE",
@@ -242,14 +242,14 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) ->
                 return 2
         console.print(f"launching torchrun: {layout.mesh.size} processes for {layout.mesh!r}")
         return launch_torchrun(layout.mesh.size, argv, timeout=args.timeout)
+    if args.inspect:
+        return _inspect_run(layout, args.inspect)
     progress, on_step = _progress(args.steps, console, "run")
     rank0 = _env_rank() == 0
     with progress if rank0 else contextlib.nullcontext():
         result, parity = run(layout, steps=args.steps, check=args.check, data=_data(args),
                              lr=args.lr, on_step=on_step if rank0 else None,
                              check_collectives=args.check_collectives)
-    if args.inspect:
-        _inspect_run(layout, args.inspect)
     if args.schedule_json and rank0:
         from lowering.schedule import RankSchedules
 
@@ -265,17 +265,20 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) ->
     return _report(parity, console)  # rank 0 always reports; another rank when it fails
 
 
-def _inspect_run(layout: Layout, site: str) -> None:
-    """Run mode: one step more, every rank's local value of ``site``, in rank order."""
+def _inspect_run(layout: Layout, site: str) -> int:
+    """Run mode: one step, every rank's local value of ``site``, printed in rank order."""
     import torch.distributed as dist
 
-    ins = inspect(layout, site, run_mode=True)
-    dist.init_process_group("gloo")  # a small group of our own for the ordered printing
+    from lowering.runtime import device_and_backend
+
+    dist.init_process_group(device_and_backend()[1])  # one group: inspect reuses it
     try:
+        ins = inspect(layout, site, run_mode=True)
         lines = "\n".join(f"{site} forward: {describe_value(v)}" for v in ins.values.values())
         print_ranks(lines, layout.mesh)
     finally:
         dist.destroy_process_group()
+    return 0
 
 
 def _env_rank() -> int:

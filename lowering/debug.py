@@ -142,23 +142,29 @@ def show_sharding(name: str, shape: Sequence[int], placements: Sequence[Placemen
 
 
 # -- ordered output from a real run ----------------------------------------------------------------
-def print_ranks(text: str, mesh: sl.Mesh, *, console: Console | None = None) -> None:
+def print_ranks(text: str, mesh: sl.Mesh) -> None:
     """Print ``text`` from every rank of a torchrun job, in rank order, each line with
-    its rank prefix (a collective over the default group: call it on every rank). Outside
-    a process group, prints with rank 0's prefix."""
+    its rank prefix (a collective over the default group: call it on every rank; rank 0
+    prints). Outside a process group, prints with rank 0's prefix.
+
+    Example (in a torchrun worker)::
+
+        print_ranks(f"loss {loss.item():.4f}", layout.mesh)
+        # [r0 dp=0 tp=0] loss 5.5441
+        # [r1 dp=0 tp=1] loss 5.5441 ...
+    """
     import torch.distributed as dist
 
-    console = console or Console(highlight=False)
     if not dist.is_initialized():
-        for line in text.splitlines() or [""]:
-            console.print(f"{rank_prefix(mesh, 0)} {line}", markup=False)
-        return
-    everyone: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, text)
-    if dist.get_rank() == 0:
-        for r, t in enumerate(everyone):
-            for line in (t or "").splitlines() or [""]:
-                console.print(f"{rank_prefix(mesh, r)} {line}", markup=False)
+        everyone: list[str | None] = [text]
+    else:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, text)
+        if dist.get_rank() != 0:
+            return
+    for r, t in enumerate(everyone):
+        for line in (t or "").splitlines() or [""]:
+            print(f"{rank_prefix(mesh, r)} {line}", flush=True)
 
 
 # -- inspect a site ------------------------------------------------------------------------------
