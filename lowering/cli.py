@@ -250,6 +250,9 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) ->
         result, parity = run(layout, steps=args.steps, check=args.check, data=_data(args),
                              lr=args.lr, on_step=on_step if rank0 else None,
                              check_collectives=args.check_collectives)
+    if result.bubble and rank0:
+        console.print("pipeline bubble, measured from every stage's compute timestamps, per "
+                      "step: " + ", ".join(f"{b:.1%}" for b in result.bubble))
     if args.schedule_json and rank0:
         from lowering.schedule import RankSchedules
 

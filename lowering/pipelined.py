@@ -44,6 +44,7 @@ __all__ = ["StepOut", "step_in_process", "step_torch", "reduce_grads", "funcol_a
 class StepOut:
     losses: list[torch.Tensor] = field(default_factory=list)   # per microbatch (CE only)
     slots: list[Slot] = field(default_factory=list)            # measured (run mode)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # sl.metric, microbatch 0
 
 
 def _loss(constrain: Callable[[torch.Tensor, tuple], torch.Tensor], logits: torch.Tensor, tgt: torch.Tensor,
@@ -88,6 +89,8 @@ def step_in_process(stages: Mapping[int, StageModel],
             x = idx[j] if c == 0 else inbox.pop((Kind.RECV_F, c, j))
             ch = st.forward(c, x, tokens=tokens, constrain=con,
                             snapshot=rec.snapshot if rec else None)
+            if j == 0:
+                out.metrics.update(ch.metrics)
             if c == last:
                 assert ch.logits is not None
                 with loss_scope(ch.logits):
@@ -154,6 +157,8 @@ def step_torch(stage: StageModel, ctx: DTensorContext | None, rec: Recorder | No
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             ch = stage.forward(self.chunk, x, tokens=tokens, constrain=constrain,
                                snapshot=rec.snapshot if rec else None)
+            if not out.losses and not pending_aux:  # the first microbatch's metrics
+                out.metrics.update(ch.metrics)
             if self.chunk == last:
                 pending_aux.append(ch.aux)
                 assert ch.logits is not None

@@ -69,6 +69,7 @@ class Plan:
     stack: str = ""                       # path of the module marked 'layers'
     n_layers: int = 0
     hidden: tuple[tuple[int, ...], torch.dtype] | None = None  # stack input: global shape, dtype
+    layer_tuple: bool = False             # the layers return a tuple (hidden state first)
     pre: frozenset[str] = frozenset()    # parameters used before the stack (first stage)
     post: frozenset[str] = frozenset()   # ... and after it (last stage)
 
@@ -162,6 +163,7 @@ def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, fsdp: bool = Fals
     return Plan(mesh=mesh, rules=rules, options=options, params=tuple(plans),
                 aliases=tuple(aliases), trace=trace, pipe=pipe, stack=stack, n_layers=n_layers,
                 hidden=around.hidden if around else None,
+                layer_tuple=around.tuple_out if around else False,
                 pre=frozenset(around.names("pre", aliases)) if around else frozenset(),
                 post=frozenset(around.names("post", aliases)) if around else frozenset())
 
@@ -174,19 +176,22 @@ class _Around:
     def __init__(self, model: nn.Module, stack: str) -> None:
         self.model, self.layers = model, model.get_submodule(stack)
         self.hidden: tuple[tuple[int, ...], torch.dtype] | None = None
+        self.tuple_out = False
         self.phase = "pre"
         self.used: dict[str, set[nn.Module]] = {"pre": set(), "post": set()}
         self.handles: list = []
 
     def __enter__(self) -> _Around:
         def enter(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
+            from lowering.stages import hidden_key
+            x = args[0] if args else kwargs[hidden_key(kwargs)]
             if self.hidden is None:
                 self.hidden = (tuple(x.shape), x.dtype)
             self.phase = "in"
 
         def leave(mod: nn.Module, args: tuple, out: object) -> None:
             self.phase = "post"
+            self.tuple_out = isinstance(out, (tuple, list))
 
         def use(mod: nn.Module, args: tuple) -> None:
             if self.phase in self.used:

@@ -35,7 +35,7 @@ from lowering.plan import Plan
 from lowering.schedule import Op, Phase, Record, Recorder
 
 __all__ = ["layer_stack", "StageModel", "BOUNDARY_AXES", "microbatch_rows", "p2p_record",
-           "sum_shared_grads", "Chunk"]
+           "sum_shared_grads", "Chunk", "hidden_key"]
 
 #: The layout of the hidden state between pipeline chunks (the residual stream).
 BOUNDARY_AXES: sl.Axes = ("batch", "norm_seq", "embed")
@@ -61,11 +61,24 @@ def microbatch_rows(n: int, ways: int, microbatches: int) -> torch.Tensor:
     return torch.arange(n).view(ways, microbatches, b).transpose(0, 1).reshape(n)
 
 
+def hidden_key(kwargs: dict) -> str:
+    """Which keyword carries the hidden state when a layer is called by keyword only."""
+    if "hidden_states" in kwargs:
+        return "hidden_states"
+    return next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+
+
 class _Skip(nn.Module):
-    """A layer another pipeline rank owns: the hidden state passes through."""
+    """A layer another pipeline rank owns: the hidden state passes through, in the
+    structure the real layers return (a tensor, or a tuple whose first item it is)."""
+
+    def __init__(self, as_tuple: bool = False) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
 
     def forward(self, *args: object, **kwargs: object) -> object:
-        return args[0] if args else next(iter(kwargs.values()))
+        h = args[0] if args else kwargs[hidden_key(kwargs)]
+        return (h,) if self.as_tuple else h
 
 
 class _Stop(Exception):
@@ -109,6 +122,7 @@ class Chunk:
     logits: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     aux: list[torch.Tensor] = field(default_factory=list)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # sl.metric, this chunk
 
 
 class StageModel:
@@ -129,7 +143,7 @@ class StageModel:
         self.blocks = {i: self.stack[i] for i in own}
         for i in range(self.n_layers):
             if i not in own:
-                self.stack[i] = _Skip()
+                self.stack[i] = _Skip(plan.layer_tuple)
         self.dmesh: DeviceMesh | None = None
 
     def is_shared(self, name: str) -> bool:
@@ -140,7 +154,7 @@ class StageModel:
     def _view(self, chunk: int, h_in: torch.Tensor | None) -> Iterator[None]:
         layers = self.pipe.layers_of(chunk, self.n_layers)
         last = chunk == self.pipe.chunks - 1
-        skip = _Skip()
+        skip = _Skip(self.plan.layer_tuple)
         for i in self.blocks:
             self.stack[i] = self.blocks[i] if i in layers else skip
         handles = []
@@ -148,8 +162,7 @@ class StageModel:
             def swap(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
                 if args:
                     return (h_in, *args[1:]), kwargs
-                key = next(iter(kwargs))
-                return args, {**kwargs, key: h_in}
+                return args, {**kwargs, hidden_key(kwargs): h_in}
             handles.append(self.stack[layers.start].register_forward_pre_hook(swap, with_kwargs=True))
         if not last:
             def stop(mod: nn.Module, args: tuple, out: object) -> None:
@@ -192,13 +205,14 @@ class StageModel:
                 out = stop.value
         aux = reported.total_aux()
         if last:
-            return Chunk(out=out, inp=inp, logits=out, aux=[aux] if aux is not None else [])
+            return Chunk(out=out, inp=inp, logits=out, aux=[aux] if aux is not None else [],
+                         metrics=reported.metrics)
         h = constrain(out, BOUNDARY_AXES)
         if aux is not None:
             h = _Carry.apply(h, aux)
         if isinstance(h, DTensor):
             h = h.to_local(grad_placements=pl)
-        return Chunk(out=h, inp=inp)
+        return Chunk(out=h, inp=inp, metrics=reported.metrics)
 
 
 def _contiguous(shape: list[int]) -> tuple[int, ...]:

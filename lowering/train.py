@@ -288,11 +288,13 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
             continue
         losses = _pipeline_losses(out.losses, m, local, sess)
         result.losses.append(losses)
-        result.metrics.append({})
+        # the first microbatch's sl.metric values (those of layers this process runs)
+        metrics = {k: _values(v, local)[0].tolist() for k, v in out.metrics.items()}
+        result.metrics.append(metrics)
         if run:
             result.bubble.append(_measured_bubble(out.slots, pipe.pp, sess))
         if on_step:
-            on_step(step, losses, {})
+            on_step(step, losses, metrics)
     result.stage_records = {r: recs[r].records for r in stages}
     result.records = result.stage_records[min(stages)]
     return result

@@ -240,3 +240,11 @@ def test_run_mode_sixteen_processes_moe_on_four_axes_and_pp(tmp_path: Path) -> N
     32-rank layout is checked in simulate mode instead."""
     spec = "gpt-moe-tiny/pp=2,dp=2,ep=2,sp=2/1f1b/2"
     _compare_with_simulate_and_dry(spec, _launch(16, [spec], tmp_path)[spec])
+
+
+def test_layers_called_by_keyword_returning_tuples_pipeline() -> None:
+    """HF-style layers: ``layer(hidden_states=h, ...)[0]``; skipped layers keep the tuple."""
+    lay = Layout(resolve("tests.hf_style:factory"), sl.Mesh(pp=4, tp=2), schedule="gpipe",
+                 microbatches=2)
+    _, parity = simulate(lay, steps=2, check=True)
+    assert parity is not None and parity.ok, parity.lines
