@@ -56,8 +56,8 @@ def test_python_errors_name_the_tensor() -> None:
         lowering.lower(model, sl.Mesh(tp=8), sl.Rules.default(), batch=8, seq=32)
     with pytest.raises(sl.ShardingError, match=r"P\('tp', 'tp'\) for blocks\.0\.mlp\.up\.weight"):
         lowering.lower(model, sl.Mesh(tp=2), sl.Rules(mlp="tp", embed="tp"))
-    with pytest.raises(sl.ShardingError, match="pipeline"):
-        lowering.lower(model, sl.Mesh(pp=2), sl.Rules.default())
+    with pytest.raises(sl.ShardingError, match=r"pp\*v = 3\*1 = 3 must divide the 4 layers"):
+        lowering.lower(model, sl.Mesh(pp=3), sl.Rules.default())
 
 
 def test_errors_are_value_errors_not_assertions() -> None:

@@ -1,13 +1,13 @@
 """Lesson 06: hybrid parallelism, from 3D to 5D, on one device.
 
-Lessons 02 to 05 took the mesh axes one at a time. Real training runs combine them:
+The earlier lessons took the mesh axes one at a time. Real training runs combine them:
 one model, one rules table, and a mesh that names every axis. Here the model is
 ``gpt-moe-tiny`` (4 layers; blocks 1 and 3 are 4-expert MoE layers) and the rules are
 ``sl.Rules.default()`` throughout (batch -> (dp, ep), seq -> sp, heads/mlp/vocab -> tp,
 experts -> ep, layers -> pp). Only the mesh grows, each axis at size 2, and every
-layout is simulated in this one process and compared with the single-device model.
-An axis of size 1 simply drops out of a rule, which is why the same rules serve all
-three meshes. You will see:
+layout is simulated (all its ranks in one process) and compared with the single-device
+model. An axis of size 1 simply drops out of a rule, which is why the same rules serve
+all three meshes. You will see:
 
   (a) 3D, Mesh(pp=2, dp=2, tp=2), 8 ranks: the schedules of rank 0 (first stage) and
       of the last stage's first rank, per mesh axis, recorded vs analytic; simulate;
@@ -18,8 +18,8 @@ three meshes. You will see:
   (d) one table: world size, rank 0's collectives per axis, the worst gradient error;
   (e) where each rank sits: the canonical order pp, dp, ep, sp, tp (tp innermost).
 
-Run it:  python tutorials/06_hybrid_5d.py   (under a minute on 2 CPU cores: the 5D
-simulation, the longest part, runs in a second process while (a) and (b) run here)
+Run it:  python tutorials/06_hybrid_5d.py   (about 40 s on 2 CPU cores, 20 s of it the
+32-rank simulation in (c))
 """
 
 from __future__ import annotations
@@ -27,12 +27,10 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import multiprocessing
-import os
 import re
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -51,6 +49,9 @@ MESHES = {
 }
 console = Console(width=120)
 
+# The tensors here are tiny: a second intra-op thread only spins. One thread makes this
+# script 2-3x faster on 2 cores.
+torch.set_num_threads(1)
 # DTensor warns (on stderr) that a psum over (dp, ep, sp) runs as one all-reduce per axis;
 # that is exactly what the schedule records, so the warning adds nothing here.
 logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
@@ -106,17 +107,8 @@ def worst_gradient_error(parity: Parity) -> float:
     raise ValueError("parity reported no gradient error")
 
 
-def simulate_layout(name: str) -> dict[str, object]:
-    """simulate one layout for 1 step against one device; keep what the lesson prints."""
-    t0 = time.perf_counter()
-    result, parity = simulate(layout(MESHES[name]), steps=1, check=True)
-    return {"stage_records": result.stage_records, "losses": result.losses[0],
-            "parity": parity, "seconds": time.perf_counter() - t0}
-
-
-def run_layout(name: str, *, explained: bool, pending: Future | None = None) -> dict[str, object]:
-    """Explain (optional) and simulate one layout; print its per-axis schedules.
-    ``pending``: the layout's simulation, already running in a second process."""
+def run_layout(name: str, *, explained: bool) -> dict[str, object]:
+    """Explain (optional) and simulate one layout; print its per-axis schedules."""
     mesh = MESHES[name]
     last = last_stage_rank(mesh)
     print(f"{mesh!r}: {mesh.size} ranks, {mesh.size // mesh.pp} per pipeline stage; "
@@ -135,11 +127,12 @@ def run_layout(name: str, *, explained: bool, pending: Future | None = None) -> 
             if not axis_ok:
                 raise SystemExit(f"{mesh!r} rank {r}: the schedule differs from the formulas")
         print(f"(explain: {time.perf_counter() - t0:.1f} s)")
-    sim = pending.result() if pending is not None else simulate_layout(name)
-    parity = sim["parity"]
-    assert isinstance(parity, Parity)
+    t0 = time.perf_counter()
+    result, parity = simulate(layout(mesh), steps=1, check=True)
+    seconds = time.perf_counter() - t0
+    assert parity is not None
     # simulate records step 0's schedule of each stage's first rank: the same as explain's
-    recorded = {0: sim["stage_records"][0], last: sim["stage_records"][mesh.pp - 1]}
+    recorded = {0: result.stage_records[0], last: result.stage_records[mesh.pp - 1]}
     if explained:
         same = all([x.signature() for x in recorded[r]] == [x.signature() for x in schedules[r]]
                    for r in recorded)
@@ -148,14 +141,14 @@ def run_layout(name: str, *, explained: bool, pending: Future | None = None) -> 
     else:
         for r in (0, last):
             axis_lines(r, r // (mesh.size // mesh.pp), recorded[r], None)
-    losses = sim["losses"]
+    losses = result.losses[0]
     where = (f"on every one of the {len(losses)} ranks" if len(set(losses)) == 1
              else "per rank " + ", ".join(f"{v:.6f}" for v in losses))
     worst = worst_gradient_error(parity)
     print(f"simulate({mesh!r}, steps=1): loss {losses[0]:.6f} {where}")
     print(f"{mesh!r} vs one device: {'matched' if parity.ok else 'DIFFERENT'} "
           f"({parity.lines[-1]})")
-    print(f"(simulate + single-device check: {sim['seconds']:.1f} s)")
+    print(f"(simulate + single-device check: {seconds:.1f} s)")
     if not parity.ok:
         raise SystemExit(f"{mesh!r} does NOT match the single-device model")
     return {"mesh": mesh, "records": recorded, "parity": parity, "worst": worst}
@@ -202,13 +195,6 @@ def activation_bytes(runs: dict[str, dict], s: dict[str, int]) -> None:
 
 def main() -> None:
     start = time.perf_counter()
-    # The 5D simulation is the longest part (about a minute here); with 2 cores or more
-    # it starts now in a second process (spawned: a fresh interpreter, which simulates
-    # all 32 ranks on its own) while this one works through (a) and (b).
-    pool = None
-    if (os.cpu_count() or 1) > 1:
-        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        pending5 = pool.submit(simulate_layout, "5D")
     s = shapes()
     print(f"{MODEL.name}: batch {s['B']} (2 microbatches of {s['B'] // s['m']}) x seq {s['S']}, "
           f"width {s['E']}, {s['H']} heads of {s['D']}, {s['X']} experts top-{s['k']} in "
@@ -234,17 +220,18 @@ def main() -> None:
     perm = show(runs["4D"]["records"][0], "sp", "permute")
     want = 2 * b * (s["H"] // mesh4.tp) * t * s["D"] * 4
     n_want = 2 * s["m"] * (mesh4.sp - 1) * 2  # 2 layers per stage, m microbatches, fwd+bwd
+    ok = len(perm) == n_want and {r.bytes for r in perm} == {want}
     print(f"  {len(perm)} permutes; expected 2 layers * {s['m']} microbatches * (sp-1) * "
           f"(fwd + bwd) = {n_want}, each 2*b*(heads/tp)*(seq/sp)*head_dim*4 = "
           f"2*{b}*{s['H'] // mesh4.tp}*{t}*{s['D']}*4 = {want:,} B: "
-          f"{'equal' if len(perm) == n_want and {r.bytes for r in perm} == {want} else 'DIFFERENT'}")
+          f"{'equal' if ok else 'DIFFERENT'}")
     print("sp splits tokens too, so every replicated weight's gradient is also summed over sp:")
     print("the all-reduces on sp mirror those on dp.")
 
     header("(c) 5D: add ep=2, 32 ranks, every axis at size 2")
-    runs["5D"] = run_layout("5D", explained=False, pending=pending5 if pool else None)
-    if pool is not None:
-        pool.shutdown()
+    print("The schedules below come from simulate itself (step 0, each stage's first rank),")
+    print("which (a) and (b) showed to equal explain's; all 32 ranks run in this process.")
+    runs["5D"] = run_layout("5D", explained=False)
     mesh5 = MESHES["5D"]
     b, t = local_rows(mesh5, s)
     T = b * t
@@ -284,7 +271,10 @@ def main() -> None:
     print("mesh axes in rank 0's schedule: " + " -> ".join(growth))
     print("Each added axis brings its own collectives (sp: permutes, ep: all-to-alls) and")
     print("leaves the others' counts alone; their activation payloads shrink instead, as each")
-    print("rank holds fewer tokens. Every layout matches one device to float32 round-off.")
+    print("rank holds fewer tokens. A token axis also sums gradients (sp's all-reduces mirror")
+    print("dp's), so rank 0's wire bytes rise from 3D to 4D; from 4D to 5D they fall, as ep")
+    print("halves each rank's tokens and experts. Every layout matches one device to float32")
+    print("round-off.")
 
     header("(e) Where each rank sits: canonical order pp, dp, ep, sp, tp (tp innermost)")
     mesh = mesh5
@@ -292,6 +282,9 @@ def main() -> None:
     for r in (0, 1, 2, 4, 8, 16, 21, 31):
         c = mesh.coordinate(r)
         print(f"  rank {r:2}: {c}")
+    c = mesh.coordinate(21)
+    print(f"  e.g. rank 21 = ((({c['pp']}*2 + {c['dp']})*2 + {c['ep']})*2 + {c['sp']})*2 + "
+          f"{c['tp']} = {mesh.rank_of(c)}")
     roundtrip = all(mesh.rank_of(mesh.coordinate(r)) == r for r in range(mesh.size))
     print(f"rank_of(coordinate(r)) == r for all {mesh.size} ranks: {'yes' if roundtrip else 'NO'}")
     print("rank 0's group along each axis (the ranks it talks to on that axis):")
@@ -311,7 +304,7 @@ def main() -> None:
     print("  K/V permutes, ep all-to-alls, pp sends; explain lists them per rank, and they")
     print("  equal the analytic formulas.")
     print("* Adding a token axis (sp, ep) leaves the counts on other axes alone and shrinks")
-    print("  their activation payloads: each rank holds fewer tokens.")
+    print("  their activation payloads (each rank holds fewer tokens), but adds a gradient sum.")
     print("* simulate runs every rank in one process: 32 ranks of a 5D layout match one device.")
     print("* Ranks are numbered pp, dp, ep, sp, tp with tp innermost: the chattiest axis gets")
     print("  the nearest neighbours.")
