@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "it (backward)")
     s.add_argument("--microbatch", type=int, default=None,
                    help="with --inspect under a pipeline: which microbatch (default 0)")
-    s.add_argument("--show-rank", type=int, default=None, metavar="R",
+    s.add_argument("--rank", type=int, default=None, metavar="R",
                    help="with --inspect: only rank R")
     r = sub.add_parser("run", help="train with torchrun, one process per rank "
                                    "(nccl on CUDA, else gloo)")
@@ -219,7 +219,11 @@ def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     progress, on_step = _progress(args.steps, console, "simulate")
     if args.inspect:
         ins = inspect(layout, args.inspect, phase=args.phase, microbatch=args.microbatch)
-        print_inspection(ins, console, rank=args.show_rank)
+        if args.rank is not None and args.rank not in ins.values:
+            raise sl.ShardingError(
+                f"--rank {args.rank}: {args.inspect} runs on ranks {sorted(ins.values)} of "
+                f"{layout.mesh!r}")
+        print_inspection(ins, console, rank=args.rank)
         return 0
     with progress:
         _, parity = simulate(layout, steps=args.steps, check=args.check, data=_data(args),

@@ -106,7 +106,7 @@ def test_inspect_and_show_on_all_five_axes(cli) -> None:
 
 def test_simulate_inspect_cli(cli) -> None:
     code, out, _ = cli("simulate", "gpt-tiny", "--mesh", "dp=2,tp=2", "--inspect", "blocks.0.attn",
-                       "--phase", "backward", "--show-rank", "3")
+                       "--phase", "backward", "--rank", "3")
     assert code == 0
     assert "blocks.0.attn (backward)" in out and "[r3 dp=1 tp=1]" in out and "[r0" not in out
 

@@ -20,7 +20,7 @@ You will see:
 Run it:  python tutorials/07_rank_local_debugging.py
 The CLI does the same:  python -m lowering explain gpt-tiny --mesh dp=2,sp=2,tp=2
   --show blocks.0.attn   and   python -m lowering simulate gpt-tiny --mesh dp=2,sp=2,tp=2
-  --inspect blocks.0.mlp.up [--phase backward] [--show-rank 5]
+  --inspect blocks.0.mlp.up [--phase backward] [--rank 5]
 """
 
 from __future__ import annotations
