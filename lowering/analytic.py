@@ -293,6 +293,8 @@ def _pipelined(plan: Plan, model: nn.Module, *, batch: int, seq: int,
     each = {p.name for p in plan.params if p.fsdp_dim is not None
             or p.name.rpartition(".")[0] in plan.trace.shard_map_modules}
 
+    pre_modules = {n.rpartition(".")[0] for n in plan.pre}
+
     def per_microbatch(t: Term) -> bool:
         return not t.what.startswith("grad ") or t.what.split()[1] in each
     for vol in out.values():
@@ -300,6 +302,13 @@ def _pipelined(plan: Plan, model: nn.Module, *, batch: int, seq: int,
                      for t in vol.terms
                      if (t.what in grads if t.what.startswith("grad ") else
                          last or not ("vocab-parallel head" in t.what or "loss" in t.what))]
+        vol.terms = [_fsdp_outside_stack(t, plan, first=first, last=last, m=m,
+                                         chunks=len(chunks)) for t in vol.terms]
+        # what precedes the stack runs once per chunk forward (v chunks when interleaved)
+        vol.terms = [dataclasses.replace(t, count=t.count * len(chunks))
+                     if t.what.split(" ")[0] in pre_modules and "fwd" in t.what else t
+                     for t in vol.terms]
+        vol.terms = [t for t in vol.terms if t.count]
     out["pp"] = AxisVolume("pp", "b*s*h per microbatch per boundary each way; shared "
                                  "parameters' gradient all-reduce")
     shape, dtype = plan.hidden or ((0,), None)
@@ -316,6 +325,24 @@ def _pipelined(plan: Plan, model: nn.Module, *, batch: int, seq: int,
                              _local_numel(p, plan, gathered=False) * p.dtype.itemsize, pipe.pp)
                         for p in stage.params if not p.name.startswith(stack)]
     return out
+
+
+def _fsdp_outside_stack(t: Term, plan: Plan, *, first: bool, last: bool, m: int,
+                        chunks: int) -> Term:
+    """An FSDP parameter outside the layer stack is gathered wherever a module using it
+    runs (what precedes the stack runs on every stage) but re-gathered and reduced only
+    where its gradient flows (before the stack: the first stage; after it: the last)."""
+    kind, _, rest = t.what.partition(" ")
+    name = rest.split(" ")[0]
+    p = next((q for q in plan.params if q.name == name), None)
+    if (p is None or p.fsdp_dim is None or name.startswith(f"{plan.stack}.")
+            or kind not in ("gather", "reduce-scatter", "grad")):
+        return t
+    pre, post = name in plan.pre, name in plan.post
+    fwd = pre * chunks + (last and post)
+    bwd = (first and pre) + (last and post)
+    count = {"gather": fwd + bwd, "reduce-scatter": bwd, "grad": bwd}[kind] * m
+    return dataclasses.replace(t, count=count)
 
 
 def unexplained(records: Sequence[Record], volumes: dict[str, AxisVolume]) -> list[Record]:

@@ -248,3 +248,28 @@ def test_layers_called_by_keyword_returning_tuples_pipeline() -> None:
                  microbatches=2)
     _, parity = simulate(lay, steps=2, check=True)
     assert parity is not None and parity.ok, parity.lines
+
+
+@pytest.mark.parametrize(("model", "mesh", "schedule", "m", "v", "fsdp"), [
+    ("gpt-tiny", dict(pp=2, dp=2, tp=2), "1f1b", 2, None, False),
+    ("gpt-tiny", dict(pp=2, dp=2, tp=2), "gpipe", 4, None, True),
+    ("gpt-tiny", dict(pp=2, tp=2), "interleaved", 2, 2, False),
+    ("gpt-tiny", dict(pp=2, dp=2, tp=2), "interleaved", 2, 2, True),
+    ("gpt-moe-tiny", dict(pp=2, ep=2, sp=2), "1f1b", 2, None, True),
+])
+def test_every_stage_totals_equal_the_formulas(model: str, mesh: dict, schedule: str, m: int,
+                                               v: int | None, fsdp: bool) -> None:
+    from lowering.analytic import unexplained
+    from lowering.schedule import totals
+
+    lay = pipelayout(model, schedule=schedule, m=m, v=v, fsdp=fsdp, **mesh)
+    stage = lay.mesh.size // lay.mesh.pp
+    for pp_rank in range(lay.mesh.pp):
+        ex = explain(lay, ranks=[pp_rank * stage])
+        recs = ex.schedules.ranks[pp_rank * stage]
+        got = totals(recs)["axis"]
+        assert set(got) == set(ex.analytic), pp_rank
+        for axis, vol in ex.analytic.items():
+            assert got[axis]["wire_bytes"] == pytest.approx(vol.wire_bytes), (pp_rank, axis)
+            assert got[axis]["count"] == sum(t.count for t in vol.terms), (pp_rank, axis)
+        assert unexplained(recs, ex.analytic) == []
