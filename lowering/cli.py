@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --inspect under a pipeline: which microbatch (default 0)")
     s.add_argument("--rank", type=int, default=None, metavar="R",
                    help="with --inspect: only rank R")
+    s.add_argument("--pdb", action="store_true",
+                   help="with --inspect: stop in pdb the moment SITE is reached, mid-step, "
+                        "with `ins` (ins.values[rank]: every rank's local tensor) in scope")
     r = sub.add_parser("run", help="train with torchrun, one process per rank "
                                    "(nccl on CUDA, else gloo)")
     _common(r)
@@ -218,7 +221,8 @@ def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
                   "ranks in this process")
     progress, on_step = _progress(args.steps, console, "simulate")
     if args.inspect:
-        ins = inspect(layout, args.inspect, phase=args.phase, microbatch=args.microbatch)
+        ins = inspect(layout, args.inspect, phase=args.phase, microbatch=args.microbatch,
+                      stop=_debugger if args.pdb else None)
         if args.rank is not None and args.rank not in ins.values:
             raise sl.ShardingError(
                 f"--rank {args.rank}: {args.inspect} runs on ranks {sorted(ins.values)} of "
@@ -270,6 +274,15 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) ->
     if parity is None or (not rank0 and parity.ok):
         return 0
     return _report(parity, console)  # rank 0 always reports; another rank when it fails
+
+
+def _debugger(ins: object) -> None:
+    """--pdb: a debugger at the inspected site, every rank's value in ``ins.values``."""
+    import pdb
+
+    print(f"stopped at {ins.site} ({ins.phase}); ins.values[rank] holds each rank's local "  # type: ignore[attr-defined]
+          "tensor; 'c' continues the step")
+    pdb.Pdb().set_trace()
 
 
 def _inspect_run(layout: Layout, site: str) -> int:

@@ -14,7 +14,7 @@ ordered per-rank output, and schedule divergences (a hang) found before launch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -191,14 +191,20 @@ def _local_values(t: torch.Tensor, world: int) -> list[torch.Tensor]:
 class _Capture:
     """Hooks one module (per pipeline stage model) and keeps the n-th call's value."""
 
-    def __init__(self, site: str, phase: str, microbatch: int | None) -> None:
-        self.site, self.phase, self.microbatch = site, phase, microbatch
+    def __init__(self, site: str, phase: str, microbatch: int | None,
+                 stop: Callable[[int, torch.Tensor], None] | None = None) -> None:
+        self.site, self.phase, self.microbatch, self.stop = site, phase, microbatch, stop
         self.seen: dict[int, int] = {}
         self.got: dict[int, torch.Tensor] = {}  # pp coordinate -> captured tensor
         self.found = False
+        self.outside = False  # a module outside the layer stack (runs on several stages)
         self.handles: list = []
 
     def attach(self, models: Mapping[int, nn.Module]) -> None:
+        from lowering.stages import layer_stack
+        stack = layer_stack(next(iter(models.values())))
+        self.outside = len(models) > 1 and stack is not None and not (
+            self.site == stack[0] or self.site.startswith(f"{stack[0]}."))
         for pp, model in models.items():
             try:
                 mod = model.get_submodule(self.site)
@@ -212,7 +218,11 @@ class _Capture:
             n = self.seen.get(pp, 0)
             self.seen[pp] = n + 1
             if pp not in self.got and (self.microbatch is None or n == self.microbatch):
+                if self.outside and self.got:
+                    return  # before the stack: only the first stage's value is real
                 self.got[pp] = value
+                if self.stop is not None:
+                    self.stop(pp, value)
 
         def forward(mod: nn.Module, args: tuple, out: object) -> None:
             t = out[0] if isinstance(out, (tuple, list)) else out
@@ -226,13 +236,17 @@ class _Capture:
 
 
 def inspect(layout: object, site: str, *, phase: str = "forward", microbatch: int | None = None,
-            run_mode: bool = False) -> Inspection:
+            run_mode: bool = False, stop: Callable[[Inspection], None] | None = None
+            ) -> Inspection:
     """One training step in simulate mode (every rank in this process) or, with
     ``run_mode`` inside a torchrun worker, this rank's; returns each rank's local value
     of ``site``'s output (forward) or of the gradient arriving at that output (backward).
 
     ``site`` is a module path (``blocks.0.attn``); under a pipeline, ``microbatch`` picks
-    the microbatch (default: the first). Example::
+    the microbatch (default: the first). ``stop`` is called the moment the site is
+    reached, mid-step, with every rank's value so far: call ``breakpoint()`` in it to
+    debug there with every rank visible (``shardlang simulate --inspect SITE --pdb``).
+    Example::
 
         ins = lowering.inspect(Layout(resolve("gpt-tiny"), sl.Mesh(dp=2, tp=2)), "blocks.0.mlp")
         ins.values[3]          # rank 3's local block, a plain tensor
@@ -244,11 +258,19 @@ def inspect(layout: object, site: str, *, phase: str = "forward", microbatch: in
     if phase not in ("forward", "backward"):
         raise sl.ShardingError(f"phase {phase!r}: inspect 'forward' (the site's output) or "
                                "'backward' (the gradient arriving at it)")
-    cap = _Capture(site, phase, microbatch if layout.mesh.pp > 1 else None)
+    ins = Inspection(site, phase, None, layout.mesh)
+    sess_of: dict[str, object] = {}
+
+    def reached(pp: int, value: torch.Tensor) -> None:
+        _fill(ins, {pp: value}, sess_of["sess"], layout.mesh)
+        if stop is not None:
+            stop(ins)
+
+    cap = _Capture(site, phase, microbatch if layout.mesh.pp > 1 else None, reached)
     if layout.mesh.pp > 1 and cap.microbatch is None:
         cap.microbatch = 0
+    ins.microbatch = cap.microbatch
     mode = Mode.RUN if run_mode else Mode.SIMULATE
-    info: dict[str, object] = {}
 
     def watch(models: Mapping[int, nn.Module], sess: object) -> None:
         cap.attach(models)
@@ -260,33 +282,25 @@ def inspect(layout: object, site: str, *, phase: str = "forward", microbatch: in
                 f"no module {site!r} in {layout.model.name}"
                 + (f"; did you mean {hint!r}?" if hint else "")
                 + " (inspect takes a module path, e.g. blocks.0.attn)")
-        info["sess"] = sess
+        sess_of["sess"] = sess
 
-    def done(sess: object) -> None:
-        ins.values.update(_collect(cap, sess, layout.mesh))
-
-    ins = Inspection(site, phase, cap.microbatch, layout.mesh)
     _train_mode(layout, mode, steps=1, check=False, data=None, lr=0.0, on_step=None,
-                watch=watch, finish=done)
-    for t in cap.got.values():
-        ins.shape = tuple(t.shape)
-        ins.placements = tuple(t.placements) if isinstance(t, DTensor) else ()
-        break
+                watch=watch)
     return ins
 
 
-def _collect(cap: _Capture, sess: object, mesh: sl.Mesh) -> dict[int, torch.Tensor]:
+def _fill(ins: Inspection, got: Mapping[int, torch.Tensor], sess: object, mesh: sl.Mesh) -> None:
+    """Add the captured values (pp coordinate -> tensor) to ``ins`` by global rank."""
     from lowering.runtime import Mode
     stage = mesh.size // mesh.pp
-    out: dict[int, torch.Tensor] = {}
-    simulate = sess.mode is Mode.SIMULATE  # type: ignore[attr-defined]
-    for pp, t in cap.got.items():
-        if simulate:
+    for pp, t in got.items():
+        ins.shape = tuple(t.shape)
+        ins.placements = tuple(t.placements) if isinstance(t, DTensor) else ()
+        if sess.mode is Mode.SIMULATE:  # type: ignore[attr-defined]
             for i, v in enumerate(_local_values(t, stage)):
-                out[pp * stage + i] = v
+                ins.values[pp * stage + i] = v
         else:
-            out[sess.rank] = _local_values(t, 1)[0]  # type: ignore[attr-defined]
-    return out
+            ins.values[sess.rank] = _local_values(t, 1)[0]  # type: ignore[attr-defined]
 
 
 def _stats(v: torch.Tensor) -> list[str]:

@@ -87,6 +87,9 @@ def test_inspect_a_pipeline_stage_boundary_per_microbatch() -> None:
         _assert_blocks_equal(ins, full[mb * 8:(mb + 1) * 8])
     back = inspect(lay, "blocks.1", phase="backward")  # the gradient the boundary sends back
     assert sorted(back.values) == [0, 1, 2, 3] and back.shape == (8, 32, 64)
+    # before the stack: every stage runs the embedding, only the first stage's is real
+    emb = inspect(lay, "wpe")
+    assert sorted(emb.values) == [0, 1, 2, 3]
 
 
 def test_inspect_and_show_on_all_five_axes(cli) -> None:
@@ -161,3 +164,21 @@ def test_run_mode_inspect_prints_in_rank_order_and_equals_simulate() -> None:
         mx = float(re.search(r"max (\S+)", line).group(1))
         assert norm == pytest.approx(v.norm().item(), rel=1e-5)
         assert mx == pytest.approx(v.max().item(), rel=1e-5)
+
+
+def test_stop_runs_mid_step_with_every_rank_and_pdb_stops_there() -> None:
+    lay = Layout(resolve("gpt-tiny"), sl.Mesh(dp=2, tp=2))
+    seen: list[tuple[int, list[int]]] = []
+
+    def stop(ins) -> None:  # noqa: ANN001 - called at the site, before the step ends
+        seen.append((len(ins.values), [r for r in sorted(ins.values)]))
+    final = inspect(lay, "blocks.1.attn", stop=stop)
+    assert seen == [(4, [0, 1, 2, 3])] and sorted(final.values) == [0, 1, 2, 3]
+    # the CLI's --pdb: a debugger session driven through stdin prints a rank's value
+    p = subprocess.run(
+        [sys.executable, "-m", "lowering", "simulate", "gpt-tiny", "--mesh", "dp=2,tp=2",
+         "--inspect", "blocks.1.attn", "--pdb"],
+        input="p tuple(ins.values[3].shape)\nc\n", capture_output=True, text=True,
+        timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "stopped at blocks.1.attn (forward)" in p.stdout and "(4, 32, 64)" in p.stdout
