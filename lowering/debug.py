@@ -254,7 +254,7 @@ def inspect(layout: object, site: str, *, phase: str = "forward", microbatch: in
     from lowering.modes import Layout, _train_mode
     from lowering.runtime import Mode
 
-    assert isinstance(layout, Layout)
+    _check_layout(layout, Layout)
     if phase not in ("forward", "backward"):
         raise sl.ShardingError(f"phase {phase!r}: inspect 'forward' (the site's output) or "
                                "'backward' (the gradient arriving at it)")
@@ -287,6 +287,13 @@ def inspect(layout: object, site: str, *, phase: str = "forward", microbatch: in
     _train_mode(layout, mode, steps=1, check=False, data=None, lr=0.0, on_step=None,
                 watch=watch)
     return ins
+
+
+def _check_layout(layout: object, cls: type) -> None:
+    if not isinstance(layout, cls):
+        raise sl.ShardingError(
+            f"expected a lowering.modes.Layout (model, mesh, rules, options), got "
+            f"{type(layout).__name__}")
 
 
 def _fill(ins: Inspection, got: Mapping[int, torch.Tensor], sess: object, mesh: sl.Mesh) -> None:
@@ -347,7 +354,7 @@ def sharding_of(layout: object, name: str) -> tuple[tuple[int, ...], tuple[Place
     size). Under a pipeline only the ranks of the stage that holds it hold a block."""
     from lowering.modes import Layout, explain
 
-    assert isinstance(layout, Layout)
+    _check_layout(layout, Layout)
     ex = explain(layout, ranks=[0])
     try:
         p = ex.plan.param(name)
