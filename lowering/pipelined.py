@@ -157,8 +157,8 @@ def step_torch(stage: StageModel, ctx: DTensorContext | None, rec: Recorder | No
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             ch = stage.forward(self.chunk, x, tokens=tokens, constrain=constrain,
                                snapshot=rec.snapshot if rec else None)
-            if not out.losses and not pending_aux:  # the first microbatch's metrics
-                out.metrics.update(ch.metrics)
+            for k, v in ch.metrics.items():  # the first forward's (microbatch 0) values
+                out.metrics.setdefault(k, v)
             if self.chunk == last:
                 pending_aux.append(ch.aux)
                 assert ch.logits is not None
