@@ -202,7 +202,7 @@ def _compare_with_simulate_and_dry(spec: str, got: dict) -> None:
 
     lay = layout_of(spec)
     assert all(got["ok"]), (spec, got["lines"])
-    sim, _ = simulate(lay, steps=5)
+    sim, _ = simulate(lay, steps=2)  # run mode checked 5 steps against one device itself
     for step, (loss, sim_loss) in enumerate(zip(got["losses"], sim.losses)):
         assert loss == pytest.approx(sim_loss[0], abs=1e-6), (spec, step)
     dry = explain(lay, ranks=list(range(lay.mesh.size)))
