@@ -42,7 +42,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-balance", action="store_true",
                    help="load-balanced causal sequence sharding: sp rank r holds chunks r and "
                         "2*sp-1-r (seq divisible by 2*sp)")
-    p.add_argument("--batch", type=int, help="global batch size (default: the preset's, else 8)")
+    p.add_argument("--batch", type=int, help="global batch size (default: the preset's, else 8; under pp, that "
+                        "many rows per microbatch)")
     p.add_argument("--seq", type=int, help="sequence length (default: the preset's, else 32)")
     p.add_argument("--seed", type=int, default=0, help="model init and data seed")
     p.add_argument("--microbatches", type=int, default=None,
