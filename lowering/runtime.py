@@ -97,6 +97,8 @@ def session(mesh: sl.Mesh, mode: Mode, *, rank: int = 0) -> Iterator[Session]:
                 f"mesh {mesh!r} has {mesh.size} ranks but the process group has "
                 f"{dist.get_world_size()}; launch {mesh.size} processes or change the mesh")
         device, _ = device_and_backend()
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         forget_dtensor_caches()
         yield Session(mode, mesh, dist.get_rank(), device, *_device_mesh(mesh, device))
         return
