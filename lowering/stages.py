@@ -20,7 +20,6 @@ layout ``("batch", "norm_seq", "embed")``.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -253,7 +252,3 @@ def sum_shared_grads(stage: StageModel, all_reduce: Callable[[str, torch.Tensor]
         else:
             g = summed
         p.grad = g
-
-
-def stage_size(mesh: sl.Mesh) -> int:
-    return math.prod(mesh.axis_size(a) for a in ("dp", "ep", "sp", "tp"))
