@@ -1,8 +1,14 @@
-"""lowering: specs -> placements -> plan -> schedule; dry, simulate and run modes; CLI."""
+"""lowering: specs -> placements -> plan -> schedule; dry, simulate and run modes; CLI.
 
-from lowering import _sdpa_cpu
-from lowering.plan import Options, ParamPlan, Plan, lower
+Subpackages, imported one way only (cli -> debug -> run -> parallel -> plan -> schedule ->
+_torch): :mod:`lowering.plan` (pure data), :mod:`lowering.schedule` (records and the
+recorder), :mod:`lowering.parallel` (one module per mesh axis), :mod:`lowering.run`
+(sessions, modes, training), :mod:`lowering.debug` (rank-local debugging).
+"""
 
-_sdpa_cpu.register()  # third-party models call F.scaled_dot_product_attention directly
+from lowering._torch import register_cpu_sdpa
+from lowering.plan import Options, ParamPlan, PipelinePlan, Plan, Schedule, lower
 
-__all__ = ["lower", "Plan", "ParamPlan", "Options"]
+register_cpu_sdpa()  # third-party models call F.scaled_dot_product_attention directly
+
+__all__ = ["lower", "Plan", "ParamPlan", "PipelinePlan", "Options", "Schedule"]

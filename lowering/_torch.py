@@ -1,34 +1,95 @@
-"""Every private or experimental torch API lowering uses, each behind a function of ours.
+"""Every private or experimental torch API lowering uses, each behind a name of ours.
 
-A torch upgrade that moves one of these touches this file only.
+A torch upgrade that moves one of these touches this file only. Nothing else in the
+project imports a ``torch.*._private`` module or reads a private attribute.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
-from torch.distributed._local_tensor import LocalTensor, LocalTensorMode
+import torch.distributed._functional_collectives as _funcol
+from torch.distributed._local_tensor import (
+    LocalTensor,
+    LocalTensorMode,
+    enabled_local_tensor_mode,
+    maybe_disable_local_tensor_mode,
+    maybe_run_for_local_tensor,
+)
 from torch.distributed._tools.mod_tracker import ModTracker
+from torch.distributed.distributed_c10d import _get_default_store, _resolve_process_group
+from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B
+from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.distributed.tensor._op_schema import OpSchema, OpStrategy, RuntimeSchemaInfo
+from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy, register_op_strategy
+from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import loss_parallel
+from torch.utils import _pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
-    "funcol", "LocalTensor", "LocalTensorMode", "ModTracker", "implicit_replication",
-    "loss_parallel", "in_backward", "rank_values", "local_tensor_mode", "init_fake", "per_rank",
-    "host_values", "own_copy_per_rank", "forget_dtensor_caches", "rank_index",
-    "interleaved_order", "default_store", "group_ranks",
+    "TorchDispatchMode", "ModTracker", "implicit_replication", "loss_parallel",
+    "in_backward", "is_higher_order", "op_name", "is_functional_collective",
+    "tree_flatten", "tree_unflatten", "tree_leaves",
+    "all_to_all_single", "all_reduce_sum", "wait",
+    "rank_values", "local_tensor_mode", "own_copy_per_rank", "host_values", "per_rank",
+    "rank_index", "forget_dtensor_caches", "init_fake", "interleaved_order", "default_store",
+    "group_ranks", "module_tracker", "tracker_snapshot", "register_cpu_sdpa",
+    "instrument_pipeline_stage", "quiet_dtensor_warnings",
 ]
 
 
+# -- dispatch ---------------------------------------------------------------------------------
 def in_backward() -> bool:
     """True while the autograd engine is running a backward pass on this thread."""
     return torch._C._current_graph_task_id() != -1
 
 
+def is_higher_order(func: object) -> bool:
+    """A higher-order operator (seen by a dispatch mode, passed through untouched)."""
+    return isinstance(func, torch._ops.HigherOrderOperator)
+
+
+def op_name(func: Any) -> str:
+    """An aten/c10d op's name without its namespace and overload (``all_reduce``)."""
+    return str(func._opname)
+
+
+def is_functional_collective(func: Any) -> bool:
+    """An op of torch's functional collectives (``_c10d_functional``)."""
+    return getattr(func, "namespace", "") == "_c10d_functional"
+
+
+tree_flatten = _pytree.tree_flatten
+tree_unflatten = _pytree.tree_unflatten
+tree_leaves = _pytree.tree_leaves
+
+
+# -- functional collectives -----------------------------------------------------------------------
+def all_to_all_single(x: torch.Tensor, out_splits: Sequence[int] | None,
+                      in_splits: Sequence[int] | None, group: dist.ProcessGroup) -> torch.Tensor:
+    """One functional all-to-all (autograd-free; wait on the result)."""
+    return _funcol.all_to_all_single(x, out_splits, in_splits, group)
+
+
+def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """A functional all-reduce (sum) over ``group``, waited on."""
+    return wait(_funcol.all_reduce(x, "sum", group))
+
+
+def wait(t: torch.Tensor) -> torch.Tensor:
+    """Wait for a functional collective's result."""
+    return _funcol.wait_tensor(t)
+
+
+# -- simulate mode: every rank in this process ---------------------------------------------------
 def rank_values(t: torch.Tensor, world: int) -> list[torch.Tensor]:
     """Each simulated rank's value of a (possibly LocalTensor) plain tensor."""
     if isinstance(t, LocalTensor):
@@ -46,8 +107,6 @@ def local_tensor_mode(world: int) -> Iterator[LocalTensorMode]:
 def own_copy_per_rank(t: torch.Tensor) -> torch.Tensor:
     """In simulate mode, a plain tensor shared by all ranks becomes one copy per rank
     (a LocalTensor), so in-place updates (the optimizer) stay rank-local."""
-    from torch.distributed._local_tensor import enabled_local_tensor_mode
-
     lm = enabled_local_tensor_mode()
     if lm is None or isinstance(t, LocalTensor):
         return t
@@ -57,17 +116,26 @@ def own_copy_per_rank(t: torch.Tensor) -> torch.Tensor:
 def host_values() -> contextlib.AbstractContextManager:
     """Suspend simulate mode's LocalTensorMode: plain tensors made here are ordinary,
     the same on every rank (data batches must not be drawn per simulated rank)."""
-    from torch.distributed._local_tensor import maybe_disable_local_tensor_mode
-
     return maybe_disable_local_tensor_mode()
 
 
+def per_rank(func: Callable[..., object]) -> Callable[..., object]:
+    """Run a side-effect-free, rank-dependent function once per simulated rank (simulate
+    mode) or once (dry and run modes); results combine into per-rank values."""
+    return maybe_run_for_local_tensor(func)
+
+
+def rank_index(sub: Any) -> torch.Tensor:
+    """This rank's index in a one-dimensional device mesh, as a 0-d tensor (one value
+    per simulated rank in simulate mode)."""
+    return per_rank(lambda r: torch.tensor(int(r)))(sub.get_local_rank())  # type: ignore[return-value]
+
+
+# -- process groups --------------------------------------------------------------------------------
 def forget_dtensor_caches() -> None:
     """Drop DTensor's sharding-propagation caches. Their keys compare meshes by shape and
     names only, so after a process group is torn down and another made (one session
     after another in one process) a cached spec could still name the old groups."""
-    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
-
     _clear_sharding_prop_cache()
 
 
@@ -76,27 +144,40 @@ def init_fake(rank: int, world: int) -> None:
     dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world)
 
 
-def per_rank(func):  # noqa: ANN001, ANN201
-    """Run a side-effect-free, rank-dependent function once per simulated rank (simulate
-    mode) or once (dry and run modes); results combine into per-rank values."""
-    from torch.distributed._local_tensor import maybe_run_for_local_tensor
-
-    return maybe_run_for_local_tensor(func)
+def default_store() -> dist.Store:
+    """The default process group's key-value store (run mode's rendezvous store)."""
+    return _get_default_store()
 
 
-def rank_index(sub) -> torch.Tensor:  # noqa: ANN001
-    """This rank's index in a one-dimensional mesh, as a 0-d tensor (one value per
-    simulated rank in simulate mode)."""
-    return per_rank(lambda r: torch.tensor(int(r)))(sub.get_local_rank())
+def group_ranks(group_name: str) -> list[int]:
+    """The global ranks of a process group, from its name."""
+    return dist.get_process_group_ranks(_resolve_process_group(group_name))
 
 
+# -- module tracking ---------------------------------------------------------------------------
+def module_tracker() -> ModTracker:
+    """A tracker of the modules running now, forward and backward (``.parents``)."""
+    return ModTracker()
+
+
+def tracker_snapshot(tracker: ModTracker) -> Callable[[], None]:
+    """Remember which modules ``tracker`` sees running; the returned function restores
+    that (after a forward was left early by an exception, as a pipeline chunk is)."""
+    parents = set(tracker.parents)
+    counts = dict(tracker._active_module_cnt)
+
+    def restore() -> None:
+        tracker.parents = set(parents)
+        tracker._active_module_cnt = dict(counts)
+    return restore
+
+
+# -- pipelining ---------------------------------------------------------------------------------
 def interleaved_order(pp: int, virtual: int, microbatches: int,
                       rank: int) -> list[tuple[int, str, int]]:
     """``ScheduleInterleaved1F1B``'s action order (with its sends and receives) for one
     pipeline rank, as (stage index, action name, microbatch). Built from stand-in stages:
     the order depends only on the pipeline's sizes."""
-    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B
-
     class _Sizes:  # what the schedule reads from its stages to plan the order
         def __init__(self, index: int) -> None:
             self.stage_index, self.num_stages = index, pp * virtual
@@ -110,15 +191,71 @@ def interleaved_order(pp: int, virtual: int, microbatches: int,
             if a is not None]
 
 
-def default_store():  # noqa: ANN201
-    """The default process group's key-value store (run mode's rendezvous store)."""
-    from torch.distributed.distributed_c10d import _get_default_store
+def instrument_pipeline_stage(stage: Any, *,
+                              on_p2p: Callable[[bool, bool, torch.Tensor, int], None],
+                              on_compute: Callable[[bool, int, float, float], None]) -> None:
+    """Watch a ``PipelineStage``: ``on_p2p(send, forward, tensor, microbatch)`` for every
+    send or receive the schedule asks it for (in that order), and ``on_compute(forward,
+    microbatch, t0, t1)`` for every forward or backward it computes."""
+    for name, send, fw in (("get_fwd_recv_ops", False, True), ("get_fwd_send_ops", True, True),
+                           ("get_bwd_recv_ops", False, False), ("get_bwd_send_ops", True, False)):
+        orig = getattr(stage, name)
 
-    return _get_default_store()
+        def ops(mb: int, *, _orig=orig, _send=send, _fw=fw) -> list:  # noqa: ANN001
+            made = _orig(mb)
+            for op in made:
+                on_p2p(_send, _fw, op.tensor, mb)
+            return made
+        setattr(stage, name, ops)
+    for name, fw in (("forward_one_chunk", True), ("backward_one_chunk", False)):
+        orig = getattr(stage, name)
+
+        def timed(mb: int, *args: object, _orig=orig, _fw=fw, **kwargs: object) -> object:  # noqa: ANN001
+            t0 = time.time()
+            res = _orig(mb, *args, **kwargs)
+            on_compute(_fw, mb, t0, time.time())
+            return res
+        setattr(stage, name, timed)
 
 
-def group_ranks(group_name: str) -> list[int]:
-    """The global ranks of a process group, from its name."""
-    from torch.distributed.distributed_c10d import _resolve_process_group
+# -- DTensor strategies the CPU attention kernel lacks --------------------------------------------
+_sdpa_registered = False
 
-    return dist.get_process_group_ranks(_resolve_process_group(group_name))
+
+def _sdpa_patterns(n: int) -> list[list[Placement | None]]:
+    return [[Replicate()] * n, [Shard(1)] * n, [Shard(0)] * n]
+
+
+def register_cpu_sdpa() -> None:
+    """Register DTensor sharding strategies for the CPU attention kernel, once.
+
+    ``F.scaled_dot_product_attention`` on CPU runs ``_scaled_dot_product_flash_attention_for_cpu``;
+    torch registers DTensor strategies for the CUDA kernels only, so a third-party model
+    that calls SDPA directly would fail under any plan on CPU. Attention is independent
+    per batch row and per head, so we register what the CUDA flash kernel has:
+    everything replicated, heads (dim 1) sharded, or batch (dim 0) sharded.
+    """
+    global _sdpa_registered
+    if _sdpa_registered:
+        return
+    _sdpa_registered = True
+    aten = torch.ops.aten
+
+    @register_op_strategy(aten._scaled_dot_product_flash_attention_for_cpu.default,
+                          schema_info=RuntimeSchemaInfo(3))
+    def _forward(op_schema: OpSchema) -> OpStrategy:
+        # [output, logsumexp, q, k, v]
+        mesh = op_schema.get_mesh_from_args()
+        return expand_to_full_mesh_op_strategy(mesh, op_schema, _sdpa_patterns(5), input_index=2)
+
+    @register_op_strategy(aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+                          schema_info=RuntimeSchemaInfo(6))
+    def _backward(op_schema: OpSchema) -> OpStrategy:
+        # [grad_q, grad_k, grad_v, grad_out, q, k, v, out, logsumexp]
+        mesh = op_schema.get_mesh_from_args(validate=False)
+        return expand_to_full_mesh_op_strategy(mesh, op_schema, _sdpa_patterns(9), input_index=3)
+
+
+def quiet_dtensor_warnings() -> None:
+    """DTensor's advice to flatten mesh dims for a 2-D all-reduce is noise for our users."""
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)

@@ -1,34 +1,43 @@
-"""The ``shardlang`` command: explain (dry), simulate, run."""
+"""The ``shardlang`` command: explain (dry), simulate, run.
+
+Exit codes: 0 ok; 1 a ``--check`` mismatch; 2 bad input (a ShardingError, one paragraph,
+no traceback); 3 an unexpected failure inside torch (one paragraph; SHARDLANG_DEBUG=1
+shows the traceback); 4 ``explain`` predicts a hang (ranks of a group would issue
+different collectives); 124 a ``run`` launch stopped by its ``--timeout``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import logging
 import os
+import statistics
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
 import shardlang as sl
+from lowering._torch import quiet_dtensor_warnings
 from lowering.debug import (describe_value, divergences, inspect, print_divergences,
                             print_inspection, print_ranks, sharding_of, show_sharding)
-from lowering.launch import launch_torchrun
-from lowering.modes import Layout, Parity, explain, run, simulate
-from lowering.pipeline import Schedule, describe_pipe
+from lowering.plan import Options, Schedule, describe_pipe, option_fields
 from lowering.printer import print_explain
-from lowering.registry import resolve
-from lowering.runtime import under_torchrun
-from lowering.schedule import schedule_json
+from lowering.run import CheckMode, Layout, Parity, explain, resolve, run, simulate
+from lowering.run.launch import launch_torchrun, report_worker_error
+from lowering.run.session import device_and_backend, under_torchrun
+from lowering.run.train import Step
+from lowering.schedule import RankSchedules, schedule_json
 from models import PRESETS
 from models.datasets import Batches, ByteText
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_CHECK", "EXIT_BAD_INPUT", "EXIT_TORCH",
+           "EXIT_HANG"]
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+EXIT_OK, EXIT_CHECK, EXIT_BAD_INPUT, EXIT_TORCH, EXIT_HANG = 0, 1, 2, 3, 4
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -38,26 +47,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rules", default="",
                    help="logical=mesh overrides on the default rules, e.g. batch=dp,heads=tp "
                         "('+' joins mesh axes: batch=dp+ep; 'none' replicates)")
-    p.add_argument("--fsdp", action="store_true", help="shard parameters over dp (FSDP)")
-    p.add_argument("--load-balance", action="store_true",
-                   help="load-balanced causal sequence sharding: sp rank r holds chunks r and "
-                        "2*sp-1-r (seq divisible by 2*sp)")
-    p.add_argument("--batch", type=int, help="global batch size (default: the preset's, else 8; under pp, that "
-                        "many rows per microbatch)")
-    p.add_argument("--seq", type=int, help="sequence length (default: the preset's, else 32)")
     p.add_argument("--seed", type=int, default=0, help="model init and data seed")
-    p.add_argument("--microbatches", type=int, default=None,
-                   help="pipeline microbatches per step (pp > 1; default: pp)")
-    p.add_argument("--schedule", default="1f1b", metavar="{" + ",".join(SCHEDULES) + "}",
-                   help="pipeline schedule (pp > 1; default 1f1b)")
-    p.add_argument("--virtual-stages", type=int, default=None, metavar="V",
-                   help="model chunks per pipeline rank, interleaved schedule only "
-                        "(default 2 there, else 1)")
+    for f in option_fields():  # the layout options, declared once in lowering.plan.Options
+        flag, help_ = f.metadata["flag"], f.metadata["help"]
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action="store_true", help=help_)
+        elif f.name == "schedule":
+            p.add_argument(flag, dest=f.name, default=None, metavar=f.metadata["metavar"],
+                           help=help_)
+        else:
+            p.add_argument(flag, dest=f.name, type=int, default=None,
+                           metavar=f.metadata["metavar"], help=help_)
 
 
 def _training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="optimizer steps (default 10)")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     p.add_argument("--data", metavar="FILE",
                    help="train a byte-level LM on this text file (default: the synthetic "
                         "arithmetic-sequence task)")
@@ -71,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="shardlang",
         description="Lower a named-axis sharded PyTorch model onto a 5D mesh "
                     "(dp, pp, tp, sp, ep): print its collective schedule, simulate every "
-                    "rank in one process, or run it with torchrun.")
+                    "rank in one process, or run it with torchrun.",
+        epilog="exit codes: 0 ok, 1 --check mismatch, 2 bad input, 3 failure inside torch, "
+               "4 explain predicts a hang, 124 run stopped by --timeout")
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("explain", help="dry mode: print the plan and per-rank schedule "
                                        "(meta tensors, any world size, no memory)")
@@ -80,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--rank", type=int, default=None,
                      help="the rank to show (default 0; with pp > 1, the first rank of "
                           "every pipeline stage)")
-    who.add_argument("--all-ranks", action="store_true", help="every rank's schedule")
-    e.add_argument("--json", action="store_true", help="one JSON object (DESIGN.md schema)")
+    who.add_argument("--all-ranks", action="store_true",
+                     help="every rank's schedule; exit 4 if ranks would hang")
+    e.add_argument("--json", action="store_true",
+                   help="one JSON object: mesh, world_size, model, ranks (each rank's "
+                        "collectives), totals, analytic")
     e.add_argument("--terms", action="store_true", help="list every analytic term")
     e.add_argument("--show", metavar="NAME", action="append", default=[],
                    help="show which rank holds which block of a parameter (e.g. "
@@ -93,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inspect", metavar="SITE",
                    help="run one step and show every rank's local value of module SITE's "
                         "output (e.g. blocks.0.mlp)")
-    s.add_argument("--phase", choices=("forward", "backward"), default="forward",
+    s.add_argument("--phase", default="forward", metavar="{forward,backward}",
                    help="with --inspect: the output (forward) or the gradient arriving at "
                         "it (backward)")
     s.add_argument("--microbatch", type=int, default=None,
@@ -107,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(nccl on CUDA, else gloo)")
     _common(r)
     _training(r)
-    r.add_argument("--check-collectives", choices=("first", "all", "off"), default="first",
+    r.add_argument("--check-collectives", default="first", metavar="{first,all,off}",
                    help="check every collective's signature across its group before issuing "
                         "it, with a time limit (SHARDLANG_CHECK_TIMEOUT, default 60 s): on "
                         "the first step (default), on all steps, or off")
@@ -126,23 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _layout(args: argparse.Namespace) -> Layout:
+    """The layout the flags describe (validated by lowering.lower when it is planned)."""
     mesh = sl.Mesh.parse(args.mesh)
     rules = sl.Rules.parse(args.rules, base=sl.Rules.default())
-    for flag in ("batch", "seq"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            raise sl.ShardingError(f"--{flag} {v}: must be a positive integer")
-    Schedule.parse(args.schedule)  # an unknown name fails here, before any model is built
-    if mesh.pp == 1 and args.microbatches not in (None, 1):
-        raise sl.ShardingError(
-            f"--microbatches {args.microbatches} needs a pipeline (pp > 1 in --mesh)")
-    if mesh.pp == 1 and args.virtual_stages not in (None, 1):
-        raise sl.ShardingError(
-            f"--virtual-stages {args.virtual_stages} needs a pipeline (pp > 1 in --mesh)")
-    return Layout(resolve(args.model), mesh, rules, fsdp=args.fsdp, batch=args.batch,
-                  seq=args.seq, seed=args.seed, load_balance=args.load_balance,
-                  schedule=args.schedule, microbatches=args.microbatches,
-                  virtual=args.virtual_stages)
+    values = {f.name: getattr(args, f.name) for f in option_fields()}
+    if values["schedule"] is not None:
+        values["schedule"] = Schedule.parse(values["schedule"])
+    return Layout(resolve(args.model), mesh, rules, Options(**values), args.seed)
 
 
 def _data(args: argparse.Namespace) -> Batches | None:
@@ -159,53 +159,73 @@ def _cmd_explain(args: argparse.Namespace, console: Console) -> int:
         show_sharding(name, shape, pl, layout.mesh, console, spec=spec, stage=where,
                       ranks=holders)
     if args.show and not args.all_ranks and args.rank is None:
-        return 0
+        return EXIT_OK
     ex = explain(layout, ranks=ranks)
     found = divergences(ex.schedules.ranks, layout.mesh) if len(ex.traced) > 1 else []
     if args.json:
         out = schedule_json(ex.schedules, analytic={a: v.json() for a, v in ex.analytic.items()})
-        if ex.plan.pipe is not None:
-            out["pipeline"] = describe_pipe(ex.plan.pipe, ex.plan.n_layers, ex.plan.stack)
+        if ex.plan.pipeline is not None:
+            pl = ex.plan.pipeline
+            out["pipeline"] = describe_pipe(pl.pipe, pl.n_layers, pl.stack)
         out["divergences"] = [str(d) for d in found]
         print(json.dumps(out))
-        return 0
-    print_explain(ex.schedules, ex.plan, ex.analytic, console, traced=ex.traced,
-                  verbose_terms=args.terms)
-    if len(ex.traced) > 1:
-        print_divergences(found, console, checked=len(ex.traced))
-    return 0
+    else:
+        print_explain(ex.schedules, ex.plan, ex.analytic, console, traced=ex.traced,
+                      verbose_terms=args.terms)
+        if len(ex.traced) > 1:
+            print_divergences(found, console, checked=len(ex.traced))
+    return EXIT_HANG if found else EXIT_OK
 
 
 def _report(parity: Parity | None, console: Console) -> int:
     if parity is None:
-        return 0
+        return EXIT_OK
     for line in parity.lines:
         console.print(line)
     if parity.ok:
         console.print("[green]check passed[/]: every rank matches the single-device model "
                       "(loss and gradients within rtol=atol=1e-5; loss curve within 1e-4)")
-        return 0
+        return EXIT_OK
     console.print(f"[red]check FAILED[/]: {parity.worst_param} differs by "
                   f"{parity.worst_err:.3e} on rank {parity.worst_rank}")
-    return 1
+    return EXIT_CHECK
 
 
-def _progress(steps: int, console: Console, label: str):  # noqa: ANN202
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                        TextColumn("{task.completed}/{task.total}"), console=console,
-                        transient=True)
-    task = progress.add_task(label, total=steps)
+class _StepPrinter:
+    """Prints each step: loss, whether the ranks agree, wall time and tokens/s (rank 0's
+    clock); and a summary (median step time after the first, which pays for warm-up)."""
 
-    def on_step(step: int, losses: list[float], metrics: dict[str, object]) -> None:
+    def __init__(self, steps: int, console: Console, label: str) -> None:
+        self.steps, self.console, self.seen = steps, console, []
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), console=console,
+                                 transient=True)
+        self.task = self.progress.add_task(label, total=steps)
+
+    def __call__(self, s: Step) -> None:
+        self.seen.append(s)
+        losses = s.losses
         agree = max(losses) - min(losses) < 1e-6
         ranks = f"({len(losses)} ranks agree)" if agree and len(losses) > 1 else (
             f"(ranks differ: min {min(losses):.6f} max {max(losses):.6f})" if len(losses) > 1 else "")
-        progress.console.print(f"step {step + 1:4d}/{steps}  loss {losses[0]:.4f} {ranks}")
-        for name, value in metrics.items():
-            progress.console.print(f"           {name} {_fmt(value)}")
-        progress.advance(task)
+        rate = s.tokens / s.seconds if s.seconds > 0 else float("inf")
+        self.progress.console.print(
+            f"step {s.index + 1:4d}/{self.steps}  loss {losses[0]:.4f} {ranks}  "
+            f"{s.seconds * 1e3:.0f} ms  {rate:,.0f} tok/s", highlight=False)
+        for name, value in s.metrics.items():
+            self.progress.console.print(f"           {name} {_fmt(value)}")
+        self.progress.advance(self.task)
 
-    return progress, on_step
+    def summary(self) -> None:
+        if not self.seen:
+            return
+        timed = [s.seconds for s in self.seen[1:]] or [self.seen[0].seconds]
+        med = statistics.median(timed)
+        tokens = self.seen[0].tokens
+        self.console.print(
+            f"{len(self.seen)} steps: median {med * 1e3:.0f} ms/step"
+            f"{' after the first' if len(self.seen) > 1 else ''}, {tokens / med:,.0f} tokens/s "
+            f"({tokens} tokens per step; rank 0's wall clock)", highlight=False)
 
 
 def _fmt(value: object) -> str:
@@ -220,7 +240,6 @@ def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     layout = _layout(args)
     console.print(f"simulating {layout.model.name} on {layout.mesh!r}: {layout.mesh.size} "
                   "ranks in this process")
-    progress, on_step = _progress(args.steps, console, "simulate")
     if args.inspect:
         ins = inspect(layout, args.inspect, phase=args.phase, microbatch=args.microbatch,
                       stop=_debugger if args.pdb else None)
@@ -229,15 +248,18 @@ def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
                 f"--rank {args.rank}: {args.inspect} runs on ranks {sorted(ins.values)} of "
                 f"{layout.mesh!r}")
         print_inspection(ins, console, rank=args.rank)
-        return 0
-    with progress:
+        return EXIT_OK
+    printer = _StepPrinter(args.steps, console, "simulate")
+    with printer.progress:
         _, parity = simulate(layout, steps=args.steps, check=args.check, data=_data(args),
-                             lr=args.lr, on_step=on_step)
+                             lr=args.lr, on_step=printer)
+    printer.summary()
     return _report(parity, console)
 
 
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) -> int:
     layout = _layout(args)
+    check = CheckMode.parse(args.check_collectives)
     if not under_torchrun():
         # validate the whole layout (a dry trace of every rank, up to 16) before launching
         ex = explain(layout, ranks=list(range(layout.mesh.size)))
@@ -248,23 +270,23 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) ->
             if not args.launch_anyway:
                 console.print("not launching (--launch-anyway launches regardless; the "
                               "collective check would then stop the run)")
-                return 2
+                return EXIT_BAD_INPUT
         console.print(f"launching torchrun: {layout.mesh.size} processes for {layout.mesh!r}")
         return launch_torchrun(layout.mesh.size, argv, timeout=args.timeout)
     if args.inspect:
         return _inspect_run(layout, args.inspect)
-    progress, on_step = _progress(args.steps, console, "run")
-    rank0 = _env_rank() == 0
-    with progress if rank0 else contextlib.nullcontext():
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    printer = _StepPrinter(args.steps, console, "run")
+    with printer.progress if rank0 else contextlib.nullcontext():
         result, parity = run(layout, steps=args.steps, check=args.check, data=_data(args),
-                             lr=args.lr, on_step=on_step if rank0 else None,
-                             check_collectives=args.check_collectives)
+                             lr=args.lr, on_step=printer if rank0 else None,
+                             check_collectives=check)
+    if rank0:
+        printer.summary()
     if result.bubble and rank0:
         console.print("pipeline bubble, measured from every stage's compute timestamps, per "
                       "step: " + ", ".join(f"{b:.1%}" for b in result.bubble))
     if args.schedule_json and rank0:
-        from lowering.schedule import RankSchedules
-
         sched = RankSchedules(layout.mesh, {"name": layout.model.name}, result.rank_records)
         out = schedule_json(sched)
         out["losses"] = [step[0] for step in result.losses]  # rank 0's loss per step
@@ -273,7 +295,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) ->
         with open(args.schedule_json, "w") as f:
             json.dump(out, f)
     if parity is None or (not rank0 and parity.ok):
-        return 0
+        return EXIT_OK
     return _report(parity, console)  # rank 0 always reports; another rank when it fails
 
 
@@ -290,8 +312,6 @@ def _inspect_run(layout: Layout, site: str) -> int:
     """Run mode: one step, every rank's local value of ``site``, printed in rank order."""
     import torch.distributed as dist
 
-    from lowering.runtime import device_and_backend
-
     dist.init_process_group(device_and_backend()[1])  # one group: inspect reuses it
     try:
         ins = inspect(layout, site, run_mode=True)
@@ -299,34 +319,51 @@ def _inspect_run(layout: Layout, site: str) -> int:
         print_ranks(lines, layout.mesh)
     finally:
         dist.destroy_process_group()
-    return 0
+    return EXIT_OK
 
 
-def _env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """ShardingWarnings print as one ``warning:`` line on stderr (once each)."""
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        text = str(message)
+        if issubclass(category, sl.ShardingWarning) and text not in seen:
+            seen.add(text)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", sl.ShardingWarning)
+        warnings.showwarning = show
+        yield
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    # DTensor's advice to flatten mesh dims for a 2-D loss all-reduce is noise here
-    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+    quiet_dtensor_warnings()
     # a pipe or a log file gets wide tables instead of rich's 80-column default
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
-        if args.command == "explain":
-            return _cmd_explain(args, console)
-        if args.command == "simulate":
-            return _cmd_simulate(args, console)
-        return _cmd_run(args, argv, console)
+        with _warnings_as_lines():
+            if args.command == "explain":
+                return _cmd_explain(args, console)
+            if args.command == "simulate":
+                return _cmd_simulate(args, console)
+            return _cmd_run(args, argv, console)
     except sl.ShardingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if not report_worker_error(str(e)):  # a torchrun worker hands it to the launcher
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as e:  # noqa: BLE001 - one paragraph, never a raw traceback
         if os.environ.get("SHARDLANG_DEBUG"):
             raise
-        print(f"error: {args.command} {args.model} on --mesh {args.mesh} failed inside torch: "
-              f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
-              "(set SHARDLANG_DEBUG=1 for the traceback; please report it if the layout "
-              "passes 'shardlang explain')", file=sys.stderr)
-        return 3
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        msg = (f"{args.command} {args.model} on --mesh {args.mesh} failed inside torch: "
+               f"{type(e).__name__}: {first} (set SHARDLANG_DEBUG=1 for the traceback; please "
+               "report it if the layout passes 'shardlang explain')")
+        if not report_worker_error(msg):
+            print(f"error: {msg}", file=sys.stderr)
+        return EXIT_TORCH

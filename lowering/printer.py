@@ -8,15 +8,13 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from lowering.analytic import AxisVolume, unexplained
-from lowering.sequence import causal_work
-from lowering.pipeline import describe_pipe
-from lowering.placements import describe
-from lowering.plan import Plan
+import shardlang as sl
+from lowering.parallel.sequence import causal_work
+from lowering.plan import AxisVolume, Plan, describe, describe_pipe, unexplained
 from lowering.schedule import RankSchedules, Record, totals
 
-__all__ = ["print_explain", "print_plan", "print_pipeline", "schedule_table", "group_ranks",
-           "human"]
+__all__ = ["print_explain", "print_plan", "print_pipeline", "print_schedule", "schedule_table",
+           "group_ranks", "human", "stage_of"]
 
 
 def human(n: float) -> str:
@@ -60,13 +58,8 @@ def print_plan(plan: Plan, console: Console) -> None:
 
 def stage_of(plan: Plan, name: str) -> str:
     """The pipeline rank that holds a parameter ("every" outside the layer stack)."""
-    assert plan.pipe is not None
-    head = f"{plan.stack}."
-    if not name.startswith(head):
-        return "every stage (grads summed over pp)"
-    layer = int(name[len(head):].split(".")[0])
-    chunk = layer // (plan.n_layers // plan.pipe.chunks)
-    return f"pp={plan.pipe.rank_of(chunk)}"
+    pp = plan.pipeline.stage_of(name) if plan.pipeline else None
+    return "every stage (grads summed over pp)" if pp is None else f"pp={pp}"
 
 
 def schedule_table(title: str, recs: Sequence[Record], s: RankSchedules, rank: int) -> Table:
@@ -139,12 +132,14 @@ def print_explain(s: RankSchedules, plan: Plan, analytic: dict[str, AxisVolume],
 
 def print_pipeline(plan: Plan, console: Console, *, measured: Sequence[float] = ()) -> None:
     """The pipeline's stages, a text Gantt chart of its schedule and its bubble."""
-    assert plan.pipe is not None
-    d = describe_pipe(plan.pipe, plan.n_layers, plan.stack)
-    pipe = plan.pipe
+    pl = plan.pipeline
+    if pl is None:
+        return
+    pipe = pl.pipe
+    d = describe_pipe(pipe, pl.n_layers, pl.stack)
     console.print(f"[bold]Pipeline[/]: {pipe.schedule.value}, pp={pipe.pp}, "
                   f"{pipe.microbatches} microbatches, {pipe.virtual} chunk(s) per rank; "
-                  f"{plan.stack} ({plan.n_layers} layers) split as:")
+                  f"{pl.stack} ({pl.n_layers} layers) split as:")
     for r, chunks in d["layers"].items():  # type: ignore[union-attr]
         spans = ", ".join(f"layers {c[0]}-{c[-1]}" if len(c) > 1 else f"layer {c[0]}"
                           for c in chunks)
@@ -183,3 +178,11 @@ def _print_sequence_work(plan: Plan, console: Console) -> None:
     for r, w in enumerate(work):
         t.add_row(str(r), f"{w:,}", f"{w / max(work):.0%}")
     console.print(t)
+
+
+def print_schedule(records: Sequence[Record], mesh: sl.Mesh, *, rank: int = 0,
+                   console: Console | None = None, title: str = "") -> None:
+    """Print one rank's records as the ``explain`` table does."""
+    console = console or Console()
+    s = RankSchedules(mesh, {"name": title}, {rank: list(records)})
+    console.print(schedule_table(title or f"Schedule of rank {rank}", records, s, rank))

@@ -57,6 +57,9 @@ class ByteText(Batches):
             data = Path(path).read_bytes()
         except OSError as e:
             raise sl.ShardingError(f"--data {path}: cannot read the file ({e.strerror})") from e
+        if not data:
+            raise sl.ShardingError(
+                f"--data {path} is empty; give a text file with at least --seq + 2 bytes")
         self.data = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
         self.seed = seed
         self.path = str(path)

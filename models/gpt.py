@@ -94,7 +94,10 @@ class Block(nn.Module):
         self.ln1, self.attn = _norm(cfg.n_embd), Attention(cfg)
         moe = cfg.n_experts > 0 and layer % cfg.moe_every == cfg.moe_every - 1
         self.ln2 = _norm(cfg.n_embd)
-        self.mlp: nn.Module = MoE(cfg, layer) if moe else MLP(cfg)
+        self.mlp: nn.Module = MoE(
+            embed=cfg.n_embd, hidden=cfg.hidden, n_experts=cfg.n_experts, top_k=cfg.top_k,
+            capacity_factor=cfg.capacity_factor, aux_weight=cfg.aux_weight, layer=layer,
+        ) if moe else MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The residual stream and the norms live in the "norm_seq" region, the attention

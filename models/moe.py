@@ -33,16 +33,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import shardlang as sl
-
-if TYPE_CHECKING:
-    from models.gpt import GPTConfig
 
 __all__ = ["MoE", "Routing", "route", "capacity", "check_moe_config", "TOKEN_AXES"]
 
@@ -191,20 +187,20 @@ class MoE(nn.Module):
 
     Example:
         >>> import torch
-        >>> from models.gpt import GPTConfig
-        >>> moe = MoE(GPTConfig(n_embd=8, n_experts=4, top_k=2, capacity_factor=2.0))
+        >>> moe = MoE(embed=8, hidden=32, n_experts=4, top_k=2, capacity_factor=2.0)
         >>> moe(torch.randn(2, 3, 8)).shape
         torch.Size([2, 3, 8])
     """
 
-    def __init__(self, cfg: GPTConfig, layer: int = 0) -> None:
+    def __init__(self, *, embed: int, hidden: int, n_experts: int, top_k: int = 2,
+                 capacity_factor: float = 1.25, aux_weight: float = 0.01, layer: int = 0) -> None:
         super().__init__()
-        check_moe_config(cfg.n_experts, cfg.top_k, cfg.capacity_factor)
+        check_moe_config(n_experts, top_k, capacity_factor)
         self.layer = layer
-        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
-        self.capacity_factor, self.aux_weight = cfg.capacity_factor, cfg.aux_weight
-        self.embed, self.hidden = cfg.n_embd, cfg.hidden
-        X, E, H = cfg.n_experts, cfg.n_embd, cfg.hidden
+        self.n_experts, self.top_k = n_experts, top_k
+        self.capacity_factor, self.aux_weight = capacity_factor, aux_weight
+        self.embed, self.hidden = embed, hidden
+        X, E, H = n_experts, embed, hidden
         self.router = nn.Linear(E, X, bias=False)
         sl.axes(self.router.weight, None, "embed")  # replicated: every rank routes its tokens
         self.w_up = nn.Parameter(torch.empty(X, E, H))    # (X, E, F): expert e's up-projection

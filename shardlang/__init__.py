@@ -7,7 +7,7 @@ call has single-device semantics. ``lowering`` turns a model, mesh and rules int
 
 from shardlang.annotate import annotate, axes, logical_axes
 from shardlang.context import Comm, LoweringContext, activate, active
-from shardlang.errors import ShardingError
+from shardlang.errors import ShardingError, ShardingWarning
 from shardlang.mesh import MESH_AXES, Mesh
 from shardlang.metrics import Collected, aux_loss, collecting, metric
 from shardlang.ops import (
@@ -18,7 +18,7 @@ from shardlang.rules import LOGICAL_AXES, Axes, Rules
 from shardlang.spec import P
 
 __all__ = [
-    "MESH_AXES", "LOGICAL_AXES", "Axes", "Mesh", "P", "Rules", "ShardingError",
+    "MESH_AXES", "LOGICAL_AXES", "Axes", "Mesh", "P", "Rules", "ShardingError", "ShardingWarning",
     "axes", "annotate", "logical_axes", "constrain", "attention", "shard_map",
     "positions", "axis_index",
     "psum", "all_gather", "psum_scatter", "all_to_all", "ppermute",

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import enum
 from collections.abc import Iterable
+from typing import TypeVar
 
-__all__ = ["ShardingError", "closest", "divisors", "fmt_spec"]
+__all__ = ["ShardingError", "ShardingWarning", "closest", "divisors", "fmt_spec", "choice"]
+
+_E = TypeVar("_E", bound=enum.Enum)
 
 
 class ShardingError(ValueError):
@@ -24,6 +28,14 @@ class ShardingError(ValueError):
     """
 
 
+class ShardingWarning(UserWarning):
+    """A layout that works but probably not as meant (an axis that shards nothing).
+
+    The CLI prints it as one ``warning:`` line; in Python it is an ordinary warning
+    (``warnings.simplefilter("error", sl.ShardingWarning)`` turns it into an error).
+    """
+
+
 def closest(name: str, choices: Iterable[str]) -> str | None:
     """The choice closest to ``name`` by spelling, or None when nothing is near."""
     found = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
@@ -38,3 +50,19 @@ def divisors(n: int) -> list[int]:
 def fmt_spec(entries: Iterable[object]) -> str:
     """Format spec entries in the notation of the docs: ``P('dp', None, ('dp', 'ep'))``."""
     return "P(" + ", ".join(repr(e) for e in entries) + ")"
+
+
+def choice(kind: type[_E], value: object, *, what: str, keyword: str, flag: str) -> _E:
+    """The member of an enum of names (``Schedule``, ``Phase``...) that ``value`` names;
+    anything else is a ShardingError naming the keyword, the flag and the closest name."""
+    if isinstance(value, kind):
+        return value
+    for member in kind:
+        if member.value == str(value).lower():
+            return member
+    names = [str(m.value) for m in kind]
+    hint = closest(str(value), names)
+    near = f"; did you mean {hint!r}?" if hint else ""
+    raise ShardingError(
+        f"unknown {what} {value!r} ({keyword}={value!r}, {flag} {value}); choose one of "
+        f"{', '.join(names)}{near}")

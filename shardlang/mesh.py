@@ -71,11 +71,15 @@ class Mesh:
             if not part:
                 continue
             name, eq, value = part.partition("=")
-            name = name.strip()
-            if not eq or not value.strip().isdigit():
+            name, value = name.strip(), value.strip()
+            if not eq or not value.lstrip("+-").isdigit():
                 raise ShardingError(
                     f"mesh {text!r}: cannot read {part!r}; write axis=size pairs like 'dp=2,tp=2'"
                 )
+            if int(value) < 1:
+                raise ShardingError(
+                    f"mesh {text!r}: mesh axis {name!r} has size {int(value)}; a size must be "
+                    f"a positive integer (the number of ranks along {name}), e.g. {name}=2")
             check_mesh_axis(name, where=f"mesh {text!r}")
             if name in sizes:
                 raise ShardingError(f"mesh {text!r} names mesh axis {name!r} twice")

@@ -28,3 +28,36 @@ class LocalMeanLM(nn.Module):
 
 def local_mean_lm() -> nn.Module:
     return LocalMeanLM()
+
+
+class _Output:
+    """What a Hugging Face base model returns: an output object without logits."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.last_hidden_state = hidden
+
+    def keys(self) -> list[str]:
+        return ["last_hidden_state"]
+
+
+class _Base(nn.Module):
+    def __init__(self, vocab: int = 256, dim: int = 16, *, wrap: bool) -> None:
+        super().__init__()
+        self.wrap = wrap
+        self.embed = nn.Embedding(vocab, dim)
+        self.up = nn.Linear(dim, dim, bias=False)
+        sl.axes(self.up.weight, "mlp", "embed")
+
+    def forward(self, idx: torch.Tensor) -> object:
+        h = self.up(self.embed(idx))  # (B, S, dim): hidden states, no language-model head
+        return _Output(h) if self.wrap else h
+
+
+def output_object() -> nn.Module:
+    """Returns an output object with no ``.logits`` (a base model, not a causal LM)."""
+    return _Base(wrap=True)
+
+
+def hidden_states() -> nn.Module:
+    """Returns (B, S, 16) hidden states for a 256-token vocabulary."""
+    return _Base(wrap=False)

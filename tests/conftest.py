@@ -6,8 +6,8 @@ import pytest
 
 import shardlang as sl
 from lowering.cli import main
-from lowering.modes import Layout
-from lowering.registry import resolve
+from lowering.run import Layout
+from lowering.run.registry import resolve
 
 
 @pytest.fixture

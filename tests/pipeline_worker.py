@@ -17,8 +17,8 @@ import sys
 import torch.distributed as dist
 
 import shardlang as sl
-from lowering.modes import Layout, run
-from lowering.registry import resolve
+from lowering.run import Layout, run
+from lowering.run.registry import resolve
 
 
 def layout_of(spec: str) -> Layout:

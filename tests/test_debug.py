@@ -16,9 +16,9 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 
 import shardlang as sl
 from lowering.debug import blocks, divergences, inspect, rank_prefix
-from lowering.modes import Layout, explain
-from lowering.registry import resolve
-from lowering.stages import microbatch_rows
+from lowering.run import Layout, explain
+from lowering.run.registry import resolve
+from lowering.plan import microbatch_rows
 from models.datasets import ArithmeticSequences
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -69,7 +69,7 @@ def test_errors_are_value_errors_not_assertions() -> None:
 
 
 def test_collective_outside_shard_map_and_unreduced_output() -> None:
-    from lowering.functions import trace_function
+    from lowering.run.functions import trace_function
 
     with pytest.raises(sl.ShardingError, match="outside a shard_map region"):
         trace_function(lambda x: sl.psum(x, "tp"), [torch.ones(2, 4)], mesh=sl.Mesh(tp=2),

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import shardlang as sl
-from lowering.modes import Layout, explain, simulate
-from lowering.registry import resolve
+from lowering.run import Layout, explain, simulate
+from lowering.run.registry import resolve
 from lowering.schedule import Record
-from lowering.train import TrainConfig, TrainResult, reference
+from lowering.run.train import TrainConfig, TrainResult, reference
 from models.datasets import ArithmeticSequences
 from models.gpt import GPT, GPTConfig
 from models.moe import MoE, route
@@ -36,8 +36,8 @@ def ref_top2() -> TrainResult:
 def _tiny_moe(top_k: int, capacity_factor: float) -> MoE:
     """2 experts on width 2; the router scores expert 0 by x[0] and expert 1 by x[1]."""
     torch.manual_seed(0)
-    moe = MoE(GPTConfig(n_embd=2, mlp_hidden=3, n_experts=2, top_k=top_k,
-                        capacity_factor=capacity_factor), layer=7)
+    moe = MoE(embed=2, hidden=3, n_experts=2, top_k=top_k, capacity_factor=capacity_factor,
+              layer=7)
     with torch.no_grad():
         moe.router.weight.copy_(torch.eye(2))
     return moe

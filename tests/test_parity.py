@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowering.modes import check_parity, simulate
-from lowering.train import TrainConfig, reference
+from lowering.run import check_parity, simulate
+from lowering.run.train import TrainConfig, reference
 from models import PRESETS
 from models.datasets import ArithmeticSequences
 from tests.conftest import layout

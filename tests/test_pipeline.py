@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import shardlang as sl
-from lowering.modes import Layout, explain, simulate
-from lowering.pipeline import Kind, Pipe, Schedule, actions, bubble_of, bubble_theory, timeline
-from lowering.registry import resolve
+from lowering.run import Layout, explain, simulate
+from lowering.plan import Kind, Pipe, Schedule, actions, bubble_of, bubble_theory, timeline
+from lowering.run.registry import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_bubble_of_the_timeline_is_the_formula(p: int, m: int) -> None:
     (("--mesh", "pp=2", "--schedule", "zigzag"), "unknown pipeline schedule 'zigzag'"),
     (("--mesh", "pp=2", "--schedule", "gpip"), "did you mean 'gpipe'"),
     (("--mesh", "pp=4", "--microbatches", "2"), "1F1B needs at least as many microbatches"),
-    (("--mesh", "pp=2", "--virtual-stages", "2"), "needs --schedule interleaved"),
+    (("--mesh", "pp=2", "--virtual-stages", "2"), "needs schedule='interleaved' (--schedule interleaved)"),
     (("--mesh", "dp=2", "--microbatches", "2"), "needs a pipeline"),
     (("--mesh", "pp=2", "--rules", "layers=none"), "use the rule layers=pp"),
 ])
@@ -259,7 +259,7 @@ def test_layers_called_by_keyword_returning_tuples_pipeline() -> None:
 ])
 def test_every_stage_totals_equal_the_formulas(model: str, mesh: dict, schedule: str, m: int,
                                                v: int | None, fsdp: bool) -> None:
-    from lowering.analytic import unexplained
+    from lowering.plan.analytic import unexplained
     from lowering.schedule import totals
 
     lay = pipelayout(model, schedule=schedule, m=m, v=v, fsdp=fsdp, **mesh)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from lowering.modes import explain
-from lowering.train import TrainConfig, reference
+from lowering.run import explain
+from lowering.run.train import TrainConfig, reference
 from models import PRESETS
 from models.datasets import ArithmeticSequences
 from tests.conftest import layout

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from lowering.modes import explain, simulate
+from lowering.run import explain, simulate
 from lowering.schedule import Op, Phase, totals
 from models import PRESETS
 from tests.conftest import layout

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import shardlang as sl
-from lowering.functions import trace_function
-from lowering.modes import explain, simulate
-from lowering.sequence import causal_work, load_balanced_order
-from lowering.train import TrainConfig, reference
+from lowering.run.functions import trace_function
+from lowering.run import explain, simulate
+from lowering.parallel.sequence import causal_work, load_balanced_order
+from lowering.run.train import TrainConfig, reference
 from models import PRESETS
 from models.datasets import ArithmeticSequences
 from tests.conftest import layout

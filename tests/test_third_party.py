@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import shardlang as sl
-from lowering.modes import Layout, explain, simulate
-from lowering.registry import resolve
-from lowering.train import TrainConfig, reference
+from lowering.run import Layout, explain, simulate
+from lowering.run.registry import resolve
+from lowering.run.train import TrainConfig, reference
 from models.datasets import ArithmeticSequences
 
 FACTORY = "tests.third_party_llama:annotated"

@@ -7,8 +7,8 @@ import re
 
 import torch
 
-from lowering.registry import resolve
-from lowering.tensor import next_token_loss
+from lowering.run.registry import resolve
+from lowering.parallel.tensor import next_token_loss
 from models.datasets import ArithmeticSequences
 from tests.test_tutorials import run_tutorial
 

@@ -33,13 +33,14 @@ def rotary(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+    def __init__(self, dim: int, heads: int, hidden: int, kv_heads: int | None = None) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.kv_heads = heads, kv_heads or heads
+        kv = dim // heads * self.kv_heads
         self.input_norm = RMSNorm(dim)
         self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv, bias=False)
+        self.v_proj = nn.Linear(dim, kv, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.post_norm = RMSNorm(dim)
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
@@ -50,8 +51,11 @@ class DecoderLayer(nn.Module):
         B, S, E = x.shape
         h = self.input_norm(x)
         q = self.q_proj(h).view(B, S, self.heads, -1).transpose(1, 2)
-        k = self.k_proj(h).view(B, S, self.heads, -1).transpose(1, 2)
-        v = self.v_proj(h).view(B, S, self.heads, -1).transpose(1, 2)
+        k = self.k_proj(h).view(B, S, self.kv_heads, -1).transpose(1, 2)  # (B, KV, S, D)
+        v = self.v_proj(h).view(B, S, self.kv_heads, -1).transpose(1, 2)
+        if self.kv_heads != self.heads:  # grouped-query attention: share each K/V head
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)   # (B, H, S, D)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         a = F.scaled_dot_product_attention(rotary(q), rotary(k), v, is_causal=True)
         x = x + self.o_proj(a.transpose(1, 2).reshape(B, S, E))
         h = self.post_norm(x)
@@ -60,10 +64,11 @@ class DecoderLayer(nn.Module):
 
 class TinyLlama(nn.Module):
     def __init__(self, vocab: int = 128, dim: int = 32, heads: int = 4, hidden: int = 64,
-                 layers: int = 2) -> None:
+                 layers: int = 2, kv_heads: int | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleList(DecoderLayer(dim, heads, hidden) for _ in range(layers))
+        self.layers = nn.ModuleList(DecoderLayer(dim, heads, hidden, kv_heads)
+                                    for _ in range(layers))
         self.norm = RMSNorm(dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
 
@@ -74,11 +79,11 @@ class TinyLlama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def annotated() -> nn.Module:
+def annotated(model: nn.Module | None = None) -> nn.Module:
     """The factory a user passes as tests.third_party_llama:annotated."""
     import shardlang as sl
 
-    model = TinyLlama()
+    model = model or TinyLlama()
     sl.annotate(model, {
         "embed_tokens.weight": ("vocab", "embed"),
         "layers.*.[qkv]_proj.weight": ("heads", "embed"),
@@ -97,3 +102,13 @@ def pipelined() -> nn.Module:
     import shardlang as sl
 
     return sl.annotate(annotated(), {"layers": ("layers",)})
+
+
+def grouped_query() -> nn.Module:
+    """``annotated`` with grouped-query attention: 4 query heads, 2 key/value heads."""
+    return annotated(TinyLlama(kv_heads=2))
+
+
+def plain() -> nn.Module:
+    """The decoder with no annotation at all."""
+    return TinyLlama()

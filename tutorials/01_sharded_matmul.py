@@ -30,7 +30,8 @@ import torch
 from rich.console import Console
 
 import shardlang as sl
-from lowering.functions import FunctionTrace, print_schedule, trace_function
+from lowering.printer import print_schedule
+from lowering.run.functions import FunctionTrace, trace_function
 
 BATCH, K, N = 8, 16, 12
 XW_AXES = (("batch", "k"), ("k", "n"))  # logical axes of x and of w, one per dim

@@ -26,9 +26,9 @@ from collections import Counter
 from rich.console import Console
 
 import shardlang as sl
-from lowering.functions import print_schedule
-from lowering.modes import Explained, Layout, explain, simulate
-from lowering.registry import resolve
+from lowering.printer import print_schedule
+from lowering.run import Explained, Layout, explain, simulate
+from lowering.run.registry import resolve
 from lowering.schedule import Record, totals
 
 MODEL = resolve("gpt-tiny")

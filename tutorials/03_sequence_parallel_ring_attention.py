@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from rich.console import Console
 
 import shardlang as sl
-from lowering.functions import print_schedule, trace_function
-from lowering.modes import Layout, explain, simulate
-from lowering.registry import resolve
-from lowering.sequence import causal_work, load_balanced_order
+from lowering.printer import print_schedule
+from lowering.run.functions import trace_function
+from lowering.run import Layout, explain, simulate
+from lowering.run.registry import resolve
+from lowering.parallel.sequence import causal_work, load_balanced_order
 from models.gpt import Block
 
 MODEL = resolve("gpt-tiny")

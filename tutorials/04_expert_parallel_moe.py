@@ -29,8 +29,8 @@ import math
 import torch
 
 import shardlang as sl
-from lowering.modes import Layout, explain, simulate
-from lowering.registry import ModelRef, resolve
+from lowering.run import Layout, explain, simulate
+from lowering.run.registry import ModelRef, resolve
 from models.datasets import ArithmeticSequences
 from models.gpt import GPT, GPTConfig
 from models.moe import MoE, Routing, route

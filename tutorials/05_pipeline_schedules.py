@@ -31,11 +31,11 @@ import inspect
 from rich.console import Console
 
 import shardlang as sl
-from lowering.modes import Layout, explain, simulate
-from lowering.pipeline import (Kind, Pipe, Schedule, actions, bubble_of, bubble_theory,
+from lowering.run import Layout, explain, simulate
+from lowering.plan import (Kind, Pipe, Schedule, actions, bubble_of, bubble_theory,
                                gantt_rows, timeline)
 from lowering.printer import print_pipeline
-from lowering.registry import resolve
+from lowering.run.registry import resolve
 from models.gpt import GPT
 
 MODEL = resolve("gpt-tiny")
@@ -81,23 +81,23 @@ def section_a() -> None:
         plan = Layout(MODEL, sl.Mesh(pp=pp), schedule=schedule, virtual=v).plan(model)
         pipe = plan.pipe
         assert pipe is not None
-        print(f"\nMesh(pp={pp}), {schedule}: {plan.stack} ({plan.n_layers} layers) in "
-              f"{pipe.chunks} chunks of {plan.n_layers // pipe.chunks} layer(s), "
+        print(f"\nMesh(pp={pp}), {schedule}: {plan.pipeline.stack} ({plan.pipeline.n_layers} layers) in "
+              f"{pipe.chunks} chunks of {plan.pipeline.n_layers // pipe.chunks} layer(s), "
               f"{pipe.virtual} per rank")
         held = []
         for r in range(pp):
             chunks = pipe.chunks_of(r)
-            layers = [list(pipe.layers_of(c, plan.n_layers)) for c in chunks]
+            layers = [list(pipe.layers_of(c, plan.pipeline.n_layers)) for c in chunks]
             held += [i for ls in layers for i in ls]
             extra = (["+ embedding (wte, wpe)"] if r == 0 else []) + \
                 (["+ final norm, head and loss"] if pipe.rank_of(pipe.chunks - 1) == r else [])
             print(f"  pp rank {r}: chunks {chunks} -> layers {layers} {' '.join(extra)}".rstrip())
-        ok = sorted(held) == list(range(plan.n_layers))
+        ok = sorted(held) == list(range(plan.pipeline.n_layers))
         print(f"  every layer on exactly one pipeline rank: {'yes' if ok else 'NO'}")
         if not ok:
             raise SystemExit("the layers are not split across the pipeline ranks")
-    print(f"\nUsed before the stack: {sorted(plan.pre)};")
-    print(f"used after it: {sorted(plan.post)} (lm_head.weight is tied to wte.weight).")
+    print(f"\nUsed before the stack: {sorted(plan.pipeline.pre)};")
+    print(f"used after it: {sorted(plan.pipeline.post)} (lm_head.weight is tied to wte.weight).")
     print("The parameters outside the stack live on every pipeline rank (each rank runs the")
     print("model's own forward; a rank that is not first swaps the embedding's output for the")
     print("activation it receives), so their gradients are summed over pp after backward. A")

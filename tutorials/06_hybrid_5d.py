@@ -35,8 +35,8 @@ from rich.console import Console
 from rich.table import Table
 
 import shardlang as sl
-from lowering.modes import Layout, Parity, explain, simulate
-from lowering.registry import resolve
+from lowering.run import Layout, Parity, explain, simulate
+from lowering.run.registry import resolve
 from lowering.schedule import Record, totals
 from shardlang.mesh import MESH_AXES
 

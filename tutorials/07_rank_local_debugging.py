@@ -34,9 +34,9 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 import shardlang as sl
 from lowering.debug import (Inspection, blocks, describe_value, inspect, print_inspection,
                             rank_prefix, sharding_of, show_sharding)
-from lowering.modes import Layout
-from lowering.registry import resolve
-from lowering.tensor import next_token_loss
+from lowering.run import Layout
+from lowering.run.registry import resolve
+from lowering.parallel.tensor import next_token_loss
 from models.datasets import ArithmeticSequences
 
 # DTensor warns when it reduces a Partial over two mesh axes one after the other; harmless here

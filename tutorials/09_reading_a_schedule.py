@@ -33,10 +33,10 @@ from rich.console import Console
 
 import shardlang as sl
 from lowering.cli import main as shardlang
-from lowering.functions import print_schedule
-from lowering.modes import Explained, Layout, explain
+from lowering.printer import print_schedule
+from lowering.run import Explained, Layout, explain
 from lowering.printer import human
-from lowering.registry import resolve
+from lowering.run.registry import resolve
 from lowering.schedule import Op, Record, totals, wire_bytes
 
 MODEL = resolve("gpt-tiny")
@@ -214,7 +214,7 @@ def section_c() -> None:
           f"gives every rank b = {batch}/{m}/dp = {b} rows.")
     for r in (0, stage):
         recs = ex[r].schedules.ranks[r]
-        layers = [i for i in range(plan.n_layers) if any(x.site == f"blocks.{i}" for x in recs)]
+        layers = [i for i in range(plan.pipeline.n_layers) if any(x.site == f"blocks.{i}" for x in recs)]
         print(f"\n{'first' if r == 0 else 'last'} stage, rank {r} (pp={r // stage}): layers "
               f"{layers}, {len(recs)} collectives; its pp rows (#, phase, op, group, shape, "
               "bytes, wire, site):")
@@ -233,7 +233,7 @@ def section_c() -> None:
     print("A send costs its payload on the wire, a receive 0 (the sender paid). Rank 0 sends "
           f"{m} activations,")
     print(f"rank {stage} sends {m} gradients: both {m} x {block:,} B of boundary traffic.")
-    shared = [p for p in plan.params if not p.name.startswith(f"{plan.stack}.")]
+    shared = [p for p in plan.params if not p.name.startswith(f"{plan.pipeline.stack}.")]
     local = {p.name: math.prod(p.shape) * F32 // math.prod(
         mesh.axis_size(a) for a in p.spec.mesh_axes) for p in shared}
     print(f"Parameters outside the layer stack ({', '.join(local)})")
@@ -246,20 +246,20 @@ def section_c() -> None:
 
     def hand(rank: int) -> dict[str, float]:
         first, last = rank < stage, rank >= stage
-        n_mine = plan.n_layers // mesh.pp
+        n_mine = plan.pipeline.n_layers // mesh.pp
         per_mb = 1 + 2 * 2 * n_mine + (1 if last else 0)   # emb, 2 g + 2 f per layer, head
         tp = ring(mesh.tp) * m * (per_mb * b * seq * e * F32 + (3 * b * seq * F32 if last else 0))
         pp = m * block + ring(mesh.pp) * sum(local.values())   # sends (or receives: 0) + shared
-        held = [p for p in plan.params if p.name.startswith(f"{plan.stack}.")
+        held = [p for p in plan.params if p.name.startswith(f"{plan.pipeline.stack}.")
                 and int(p.name.split(".")[1]) // n_mine == rank // stage]
-        held += [p for p in plan.params if (first and p.name in plan.pre)
-                 or (last and p.name in plan.post)]
+        held += [p for p in plan.params if (first and p.name in plan.pipeline.pre)
+                 or (last and p.name in plan.pipeline.post)]
         dp = ring(mesh.dp) * sum(math.prod(p.shape) * F32 // math.prod(
             mesh.axis_size(a) for a in p.spec.mesh_axes) for p in held)
         return {"tp": tp, "pp": pp, "dp": dp}
 
     print("\nPer-microbatch terms multiply by m; per-step ones do not:")
-    print(f"  tp, per microbatch: embedding 1 + {plan.n_layers // mesh.pp} layers x 4 (g, g, f, f)"
+    print(f"  tp, per microbatch: embedding 1 + {plan.pipeline.n_layers // mesh.pp} layers x 4 (g, g, f, f)"
           " + on the last stage the head's f")
     print("      and the loss's 3; all of it x m, on b = batch/m/dp rows")
     print("  pp: m sends (or receives) each way + the shared parameters' all-reduce once")

@@ -1,0 +1,209 @@
+"""The lowering context: what ``sl.constrain``, ``sl.attention``, ``sl.shard_map`` and
+the collectives do while a model runs under a plan (global view over DTensor)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, distribute_tensor
+
+import shardlang as sl
+from lowering._torch import rank_index
+from lowering.parallel.collectives import run_collective
+from lowering.parallel.sequence import load_balanced_order, ring_attention
+from lowering.parallel.shard_map import VaryingTracker, check_outputs, submesh
+from lowering.parallel.tensor import relayout
+from lowering.plan import Plan, contiguous_stride, placements
+from lowering.schedule import Recorder
+
+__all__ = ["DTensorContext"]
+
+_ATTN_AXES: sl.Axes = ("batch", "heads", "seq", None)
+
+
+class DTensorContext:
+    """Implements :class:`shardlang.LoweringContext` over one DTensor device mesh."""
+
+    def __init__(self, plan: Plan, dmesh: DeviceMesh, recorder: Recorder | None = None) -> None:
+        self.plan, self.mesh, self.rules = plan, plan.mesh, plan.rules
+        self.dmesh, self.recorder = dmesh, recorder
+        self.tracker: VaryingTracker | None = None
+
+    # -- helpers --------------------------------------------------------------
+    def site(self) -> str:
+        return self.recorder.current_site() if self.recorder else "the model"
+
+    def layout(self, shape: Sequence[int], axes: sl.Axes, what: str) -> tuple[sl.P, tuple[Placement, ...]]:
+        where = f"{what} in {self.site()}"
+        spec = self.rules.spec(axes, where=where)
+        sl.rules.check_divisible(shape, axes, spec, self.mesh, where=where)
+        return spec, placements(spec, self.mesh)
+
+    def _to_layout(self, x: torch.Tensor, pl: tuple[Placement, ...]) -> DTensor:
+        if not isinstance(x, DTensor):
+            return distribute_tensor(x, self.dmesh, pl, src_data_rank=None)
+        return relayout(x, self.dmesh, pl)
+
+    # -- the protocol ---------------------------------------------------------
+    def constrain(self, x: torch.Tensor, axes: sl.Axes) -> torch.Tensor:
+        if self.tracker is not None:
+            raise sl.ShardingError(
+                f"sl.constrain inside a shard_map region in {self.site()}: the region works "
+                "on local blocks; constrain its inputs or outputs instead (in_axes/out_axes)"
+            )
+        _, pl = self.layout(x.shape, axes, f"activation {axes}")
+        return self._to_layout(x, pl)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                  causal: bool, scale: float | None) -> torch.Tensor:
+        spec = self._attention_spec(q)
+        seq_axes = [a for a in spec.axes_of(2) if self.mesh.axis_size(a) > 1]
+        if not seq_axes:
+            def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+            return self._shard_map_specs(local_attention, [spec] * 3, [spec], (q, k, v))
+        axis = seq_axes[0]
+        n, balanced = self.mesh.axis_size(axis), self.plan.options.load_balance
+
+        def ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return ring_attention(q, k, v, axis=axis, n=n, causal=causal, scale=scale,
+                                  balanced=balanced)
+
+        return self._shard_map_specs(ring, [spec] * 3, [spec], (q, k, v))
+
+    def _attention_spec(self, q: torch.Tensor) -> sl.P:
+        """(batch, heads, seq, None), with the sequence split over one mesh axis at most
+        and never over an axis batch or heads already use (Megatron-SP gathers the
+        sequence before attention: heads take tp)."""
+        where = f"attention in {self.site()}"
+        entries = [self.rules.mesh_entry(a) for a in ("batch", "heads")]
+        used = {a for e in entries for a in ((e,) if isinstance(e, str) else (e or ()))}
+        seq = self.rules.mesh_entry("seq")
+        seq_axes = tuple(a for a in ((seq,) if isinstance(seq, str) else (seq or ()))
+                         if a not in used and self.mesh.axis_size(a) > 1)
+        if len(seq_axes) > 1:
+            raise sl.ShardingError(
+                f"{where}: the sequence is split over {seq_axes}; ring attention runs over "
+                "one mesh axis: map 'seq' to one of them"
+            )
+        spec = sl.P(entries[0], entries[1], seq_axes[0] if seq_axes else None, None, where=where)
+        even = {2: 2} if seq_axes and self.plan.options.load_balance else None
+        sl.rules.check_divisible(q.shape, _ATTN_AXES, spec, self.mesh, where=where, even=even)
+        return spec
+
+    def axis_index(self, axis: str) -> torch.Tensor:
+        sub = submesh(self.dmesh, axis)
+        if sub is None:
+            return torch.tensor(0)
+        idx = rank_index(sub)
+        return idx if self.tracker is None else self.tracker.mark(idx, frozenset({axis}))
+
+    def positions(self, n: int, device: torch.device | str | None) -> torch.Tensor:
+        sp = self.mesh.sp
+        if self.plan.options.load_balance and sp > 1 and n % (2 * sp) == 0:
+            return load_balanced_order(n, sp).to(device)
+        return torch.arange(n, device=device)
+
+    def shard_map(self, fn: Callable[..., object], in_axes: Sequence[sl.Axes | None],
+                  out_axes: object, args: tuple[object, ...]) -> object:
+        name = getattr(fn, "__name__", "fn")
+        in_specs: list[sl.P | None] = []
+        for i, (a, axes) in enumerate(zip(args, in_axes)):
+            if axes is None:
+                in_specs.append(None)
+                continue
+            if not isinstance(a, torch.Tensor) or len(axes) != a.dim():
+                raise sl.ShardingError(
+                    f"shard_map({name}) argument {i}: in_axes {tuple(axes)} needs a tensor "
+                    f"with {len(axes)} dims, got "
+                    f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}"
+                )
+            in_specs.append(self.layout(a.shape, tuple(axes), f"shard_map({name}) argument {i}")[0])
+        single = not (isinstance(out_axes, (tuple, list)) and out_axes
+                      and all(isinstance(e, (tuple, list)) for e in out_axes))
+        axes_list = [out_axes] if single else list(out_axes)  # type: ignore[arg-type]
+        out_specs = [self.rules.spec(tuple(ax), where=f"shard_map({name}) output")  # type: ignore[arg-type]
+                     for ax in axes_list]
+        return self._shard_map_specs(fn, in_specs, out_specs, args, single=single)
+
+    def _shard_map_specs(self, fn: Callable[..., object], in_specs: Sequence[sl.P | None],
+                         out_specs: Sequence[sl.P], args: tuple[object, ...], *,
+                         single: bool = True) -> object:
+        name = getattr(fn, "__name__", "fn")
+        if self.tracker is not None:
+            raise sl.ShardingError(f"shard_map({name}) inside another shard_map region")
+        tracker = VaryingTracker(self._psum_cotangent)
+        local_args: list[object] = []
+        for a, spec in zip(args, in_specs):
+            if spec is None:
+                local_args.append(a)
+                continue
+            local = self._to_layout(a, placements(spec, self.mesh)).to_local()  # type: ignore[arg-type]
+            local_args.append(tracker.mark(local, frozenset(spec.mesh_axes)))
+        self.tracker = tracker
+        try:
+            with tracker:
+                out = fn(*local_args)
+        finally:
+            self.tracker = None
+        outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)  # type: ignore[arg-type]
+        if len(outs) != len(out_specs) or not all(isinstance(o, torch.Tensor) for o in outs) or (
+                single and not isinstance(out, torch.Tensor)):
+            raise sl.ShardingError(
+                f"shard_map({name}) returned {len(outs)} value(s) but out_axes describe "
+                f"{len(out_specs)}; return tensors, one per out_axes entry"
+            )
+        result = []
+        for o, spec in zip(outs, out_specs):
+            if len(spec) != o.dim():
+                raise sl.ShardingError(
+                    f"shard_map({name}) output of local shape {tuple(o.shape)} has {o.dim()} "
+                    f"dims but its out_axes have {len(spec)}"
+                )
+            shape = [s * math.prod(self.mesh.axis_size(a) for a in spec.axes_of(d))
+                     for d, s in enumerate(o.shape)]
+            result.append(DTensor.from_local(
+                o, self.dmesh, placements(spec, self.mesh), run_check=False,
+                shape=torch.Size(shape), stride=contiguous_stride(shape)))
+        check_outputs(outs, out_specs, tracker, self.mesh.shape, name)
+        return result[0] if single else tuple(result)
+
+    def collective(self, comm: sl.Comm, x: torch.Tensor, axis: str, **kw: int) -> torch.Tensor:
+        if self.tracker is None:
+            raise sl.ShardingError(
+                f"sl.{comm.value}(x, {axis!r}) in {self.site()} is outside a shard_map region: "
+                "collectives act on local blocks; wrap the code in sl.shard_map"
+            )
+        return self._collective(comm, x, axis, **kw)
+
+    def _psum_cotangent(self, g: torch.Tensor, axis: str) -> torch.Tensor:
+        """The backward of an implicit pvary (runs after the region has ended)."""
+        sub = submesh(self.dmesh, axis)
+        return g if sub is None else run_collective(sl.Comm.PSUM, g, sub, recorder=self.recorder)
+
+    def _collective(self, comm: sl.Comm, x: torch.Tensor, axis: str, **kw: int) -> torch.Tensor:
+        tracker = self.tracker
+        sub = submesh(self.dmesh, axis)
+        if sub is None or tracker is None:
+            return x
+        x = tracker.pvary(x, frozenset({axis}))
+        with self._paused(tracker):
+            out = run_collective(comm, x, sub, recorder=self.recorder, **kw)
+        vma = tracker.vma(x)
+        invariant = comm in (sl.Comm.PSUM, sl.Comm.ALL_GATHER)
+        return tracker.mark(out, vma - {axis} if invariant else vma | {axis})
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _paused(tracker: VaryingTracker) -> Iterator[None]:
+        was, tracker.paused = tracker.paused, True
+        try:
+            yield
+        finally:
+            tracker.paused = was

@@ -1,0 +1,22 @@
+"""Planning, pure data: spec -> placements -> roles -> :class:`Plan`; the pipeline split
+and its action orders; analytic communication volumes. Never imports ``parallel`` or
+``run``: nothing here executes a model on a mesh."""
+
+from lowering.plan.analytic import AxisVolume, Term, analytic_volume, unexplained
+from lowering.plan.lower import ParamPlan, PipelinePlan, Plan, lower
+from lowering.plan.options import Options, Schedule, check_options, given, option_fields
+from lowering.plan.pipeline import (BOUNDARY_AXES, Action, Kind, Pipe, Slot, actions, bubble_of,
+                                    bubble_theory, check_pipe, describe_pipe, gantt_rows,
+                                    hidden_key, layer_stack, microbatch_rows, timeline)
+from lowering.plan.placements import contiguous_stride, describe, fsdp_dim, placements, tensor_axes
+from lowering.plan.roles import Role, tp_role
+from lowering.plan.shapes import ShapeTrace, check_activations
+
+__all__ = [
+    "Plan", "ParamPlan", "PipelinePlan", "lower", "Options", "Schedule", "check_options",
+    "given", "option_fields", "Role", "tp_role", "ShapeTrace", "check_activations",
+    "Pipe", "Action", "Kind", "Slot", "actions", "timeline", "bubble_of", "bubble_theory",
+    "gantt_rows", "check_pipe", "describe_pipe", "layer_stack", "hidden_key",
+    "microbatch_rows", "BOUNDARY_AXES", "placements", "tensor_axes", "fsdp_dim", "describe",
+    "contiguous_stride", "AxisVolume", "Term", "analytic_volume", "unexplained",
+]

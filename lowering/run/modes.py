@@ -1,0 +1,224 @@
+"""The three execution modes behind one API: ``explain`` (dry), ``simulate``, ``run``.
+
+Each builds the model from its factory (on meta tensors in dry mode), lowers it, and
+trains or traces one step under the matching session; all three record the same
+schedule for the same rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import shardlang as sl
+from lowering.plan import AxisVolume, Options, Plan, analytic_volume, lower
+from lowering.run.guard import CheckMode
+from lowering.run.parity import Parity, check_parity
+from lowering.run.registry import ModelRef, resolve
+from lowering.run.session import Mode, Session, session
+from lowering.run.train import (StepCallback, TrainConfig, TrainResult, reference, train,
+                                train_pipeline)
+from lowering.schedule import RankSchedules, Record
+from models.datasets import ArithmeticSequences, Batches
+
+__all__ = ["Layout", "Explained", "explain", "simulate", "run", "train_layout", "traced_ranks"]
+
+Watch = Callable[[dict[int, torch.nn.Module], Session], None]
+
+
+@dataclass(frozen=True, init=False)
+class Layout:
+    """Everything that fixes a run: model, mesh, rules, options and seed. Option keywords
+    (the fields of :class:`lowering.Options`) may be given directly.
+
+    Example:
+        >>> from lowering.run import Layout
+        >>> Layout.of("gpt-tiny", "dp=2,tp=2", fsdp=True).options.fsdp
+        True
+    """
+
+    model: ModelRef
+    mesh: sl.Mesh
+    rules: sl.Rules
+    options: Options
+    seed: int
+
+    def __init__(self, model: ModelRef, mesh: sl.Mesh, rules: sl.Rules | None = None,
+                 options: Options | None = None, seed: int = 0, **keywords: object) -> None:
+        if options is not None and keywords:  # keywords change the given options
+            Options.of(**keywords)  # (an unknown keyword is a ShardingError)
+            options = dataclasses.replace(options, **keywords)  # type: ignore[arg-type]
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "mesh", mesh)
+        object.__setattr__(self, "rules", rules if rules is not None else sl.Rules.default())
+        object.__setattr__(self, "options", options or Options.of(**keywords))
+        object.__setattr__(self, "seed", seed)
+
+    @classmethod
+    def of(cls, model: str | ModelRef, mesh: str | sl.Mesh, rules: str | sl.Rules = "", *,
+           seed: int = 0, **options: object) -> Layout:
+        """A layout from the CLI's spellings: ``Layout.of("gpt-tiny", "dp=2,tp=2",
+        "norm_seq=tp", fsdp=True)`` (rules on top of the defaults)."""
+        ref = resolve(model) if isinstance(model, str) else model
+        m = sl.Mesh.parse(mesh) if isinstance(mesh, str) else mesh
+        r = rules if isinstance(rules, sl.Rules) else sl.Rules.parse(rules, base=sl.Rules.default())
+        return cls(ref, m, r, Options.of(**options), seed)
+
+    def shapes(self, model: torch.nn.Module) -> tuple[int, int]:
+        """(batch, seq). Under a pipeline the default batch is the preset's batch per
+        microbatch (times the microbatches), so a preset runs on any pp as it is."""
+        batch = self.options.batch
+        if batch is None:
+            m = (self.options.microbatches or self.mesh.pp) if self.mesh.pp > 1 else 1
+            batch = self.model.batch * m
+        return batch, self.options.seq or self.model.default_seq(model)
+
+    def plan(self, model: torch.nn.Module) -> Plan:
+        batch, seq = self.shapes(model)
+        return lower(model, self.mesh, self.rules,
+                     options=dataclasses.replace(self.options, batch=batch, seq=seq))
+
+    def config(self, plan: Plan, model: torch.nn.Module, **kw: object) -> TrainConfig:
+        batch, seq = self.shapes(model)
+        m = plan.pipe.microbatches if plan.pipe else 1
+        return TrainConfig(batch=batch, seq=seq, seed=self.seed, microbatches=m,
+                           batch_ways=plan.batch_ways, **kw)  # type: ignore[arg-type]
+
+
+@dataclass
+class Explained:
+    plan: Plan
+    schedules: RankSchedules
+    analytic: dict[str, AxisVolume]
+    traced: list[int]
+
+
+def traced_ranks(mesh: sl.Mesh, ranks: Sequence[int] | None) -> list[int]:
+    """Which ranks to trace. Every rank of a pipeline stage runs the same SPMD program,
+    so past 16 ranks ``--all-ranks`` traces local rank 0 of every stage and gives every
+    rank its own groups. One trace covers every pipeline stage (they run together)."""
+    if ranks is None or len(ranks) > 16:
+        return [0]
+    stage = mesh.size // mesh.pp
+    return sorted({r % stage for r in ranks})
+
+
+Traced = tuple[Plan, dict[int, list[Record]], dict[int, torch.nn.Module]]
+
+
+def _dry_trace(layout: Layout, rank: int, data: Batches, model: torch.nn.Module | None = None,
+               watch: Watch | None = None) -> Traced:
+    """Trace one step on meta tensors; records per pipeline coordinate (all of them)."""
+    # a trace distributes the model in place: each traced rank gets a fresh meta build
+    model = model or layout.model.build(seed=layout.seed, meta=True)
+    plan = layout.plan(model)
+    cfg = layout.config(plan, model, steps=1, vocab=data.vocab_size)
+    with session(layout.mesh, Mode.DRY, rank=rank) as sess:
+        models = {0: model} | {r: layout.model.build(seed=layout.seed, meta=True)
+                               for r in range(1, layout.mesh.pp)}
+        if watch is not None:
+            watch(models, sess)
+        if plan.pipe is None:
+            return plan, {0: train(model, plan, sess, data, cfg).records}, {0: model}
+        result = train_pipeline(models, plan, sess, data, cfg)
+    return plan, result.stage_records, models
+
+
+def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
+            data: Batches | None = None, watch: Watch | None = None) -> Explained:
+    """Dry mode: trace one step on meta tensors with the fake backend and return every
+    asked-for rank's schedule (``ranks=None``: rank 0) and the analytic volumes."""
+    want = list(ranks) if ranks is not None else [0]
+    for r in want:
+        if not 0 <= r < layout.mesh.size:
+            raise sl.ShardingError(
+                f"--rank {r} is outside {layout.mesh!r} (ranks 0..{layout.mesh.size - 1})")
+    fresh = layout.model.build(seed=layout.seed, meta=True)
+    data = data or ArithmeticSequences(layout.model.vocab_size(fresh))
+    traces: dict[int, dict[int, list[Record]]] = {}
+    stage = layout.mesh.size // layout.mesh.pp
+    first, *rest = traced_ranks(layout.mesh, want)
+    plan, traces[first], models = _dry_trace(layout, first, data, fresh, watch)
+    for r in rest:
+        _, traces[r], _ = _dry_trace(layout, r, data)
+    shown = want[0] // stage  # the totals compare the first asked-for rank's stage
+    model = models[shown]
+    batch, seq = layout.shapes(model)
+    sched = RankSchedules(layout.mesh, {"name": layout.model.name, "params": plan.n_params},
+                          {r: traces.get(r % stage, traces[min(traces)])[r // stage]
+                           for r in want})
+    traced = sorted(pp * stage + r for r in traces for pp in range(layout.mesh.pp))
+    return Explained(plan, sched, analytic_volume(plan, model, batch=batch, seq=seq,
+                                                  pp_rank=shown), traced)
+
+
+def gather_records(records: list[Record], world: int) -> dict[int, list[Record]]:
+    """Run mode: every rank's recorded schedule, on every rank (not itself recorded)."""
+    everyone: list[list[Record] | None] = [None] * world
+    dist.all_gather_object(everyone, records)
+    return {r: list(recs or []) for r, recs in enumerate(everyone)}
+
+
+def simulate(layout: Layout, *, steps: int = 1, check: bool = False, data: Batches | None = None,
+             lr: float = 3e-3, on_step: StepCallback | None = None
+             ) -> tuple[TrainResult, Parity | None]:
+    """Simulate mode: every rank in this process; with ``check``, compare with one device."""
+    return train_layout(layout, Mode.SIMULATE, steps=steps, check=check, data=data, lr=lr,
+                        on_step=on_step)
+
+
+def run(layout: Layout, *, steps: int = 1, check: bool = False, data: Batches | None = None,
+        lr: float = 3e-3, on_step: StepCallback | None = None,
+        check_collectives: CheckMode | str = CheckMode.FIRST) -> tuple[TrainResult, Parity | None]:
+    """Run mode, inside a torchrun worker: this process is one rank. Collectives are
+    checked across their group before they are issued (``check_collectives``: the
+    ``"first"`` step, ``"all"`` steps or ``"off"``), so a divergence fails fast."""
+    return train_layout(layout, Mode.RUN, steps=steps, check=check, data=data, lr=lr,
+                        on_step=on_step, check_collectives=CheckMode.parse(check_collectives))
+
+
+def _check_training(steps: int, lr: float) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise sl.ShardingError(f"steps={steps!r} (--steps {steps}): train at least 1 step")
+    if not (isinstance(lr, (int, float)) and lr >= 0 and lr == lr):
+        raise sl.ShardingError(
+            f"lr={lr!r} (--lr {lr}): the learning rate must be a number >= 0 (AdamW; "
+            "3e-3 trains gpt-tiny)")
+
+
+def train_layout(layout: Layout, mode: Mode, *, steps: int, check: bool = False,
+                 data: Batches | None = None, lr: float = 3e-3,
+                 on_step: StepCallback | None = None, watch: Watch | None = None,
+                 check_collectives: CheckMode = CheckMode.FIRST,
+                 ) -> tuple[TrainResult, Parity | None]:
+    """Train ``layout`` for ``steps`` in simulate or run mode (``watch`` sees every stage
+    model and the session before the first step: :func:`lowering.debug.inspect` hooks it)."""
+    _check_training(steps, lr)
+    if layout.model.dry_only:
+        raise sl.ShardingError(
+            f"{layout.model.name} is too large to {mode.value} here (dry mode only): use "
+            f"'shardlang explain {layout.model.name} --mesh {layout.mesh}'"
+        )
+    model = layout.model.build(seed=layout.seed)
+    plan = layout.plan(model)
+    data = data or ArithmeticSequences(layout.model.vocab_size(model))
+    cfg = layout.config(plan, model, steps=steps, lr=lr, keep_grads=check,
+                        check_collectives=check_collectives, vocab=data.vocab_size)
+    with session(layout.mesh, mode) as sess:
+        mine = [sess.rank // sess.stage_world] if mode is Mode.RUN else range(layout.mesh.pp)
+        models = {r: model if r == mine[0] else layout.model.build(seed=layout.seed)
+                  for r in mine}
+        if watch is not None:
+            watch(models, sess)
+        if plan.pipe is None:
+            result = train(model, plan, sess, data, cfg, on_step=on_step)
+        else:
+            result = train_pipeline(models, plan, sess, data, cfg, on_step=on_step)
+        if mode is Mode.RUN:
+            result.rank_records = gather_records(result.records, sess.world)
+    parity = check_parity(result, reference(layout.model.factory, data, cfg)) if check else None
+    return result, parity

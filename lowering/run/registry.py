@@ -1,0 +1,99 @@
+"""Resolve a MODEL argument: a preset name or ``package.module:factory``."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import shardlang as sl
+from lowering.parallel.tensor import logits_of
+from models import PRESETS
+
+__all__ = ["ModelRef", "resolve"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    factory: Callable[[], nn.Module]
+    batch: int = 8
+    seq: int | None = None
+    dry_only: bool = False
+
+    def build(self, *, seed: int = 0, meta: bool = False) -> nn.Module:
+        torch.manual_seed(seed)
+        try:
+            if meta:
+                with torch.device("meta"):
+                    model = self.factory()
+            else:
+                model = self.factory()
+        except sl.ShardingError:
+            raise
+        except Exception as e:  # a user's factory: report it in one line, not a traceback
+            raise sl.ShardingError(f"model factory {self.name} failed: {type(e).__name__}: {e}") from e
+        if not isinstance(model, nn.Module):
+            raise sl.ShardingError(
+                f"model factory {self.name} returned {type(model).__name__}; it must return "
+                "an nn.Module mapping token ids (batch, seq) to logits (batch, seq, vocab)"
+            )
+        return model
+
+    def default_seq(self, model: nn.Module) -> int:
+        if self.seq is not None:
+            return self.seq
+        cfg = getattr(model, "config", None)
+        for attr in ("seq_len", "block_size", "max_position_embeddings", "n_positions"):
+            if isinstance(getattr(cfg, attr, None), int):
+                return min(int(getattr(cfg, attr)), 32)
+        return 32
+
+    def vocab_size(self, model: nn.Module) -> int:
+        """The model's vocabulary: from its config, else from one forward on meta tensors."""
+        cfg = getattr(model, "config", None)
+        if isinstance(getattr(cfg, "vocab_size", None), int):
+            return int(cfg.vocab_size)
+        probe = self.build(meta=True)
+        try:
+            with torch.no_grad():
+                out = probe(torch.zeros(1, 2, dtype=torch.long, device="meta"))
+        except Exception as e:
+            raise sl.ShardingError(
+                f"cannot find the vocabulary size of {self.name}: give it a config.vocab_size, "
+                f"or make it run on meta tensors ({type(e).__name__}: {e})"
+            ) from e
+        logits = logits_of(out, name=self.name)
+        if logits.dim() != 3:
+            raise sl.ShardingError(
+                f"{self.name} must map token ids (batch, seq) to logits (batch, seq, vocab); "
+                f"it returned a tensor of shape {tuple(logits.shape)}")
+        return int(logits.shape[-1])
+
+
+def resolve(text: str) -> ModelRef:
+    """A preset (``gpt-tiny``) or an importable factory (``package.module:factory``)."""
+    if text in PRESETS:
+        p = PRESETS[text]
+        return ModelRef(p.name, p.factory, p.batch, p.seq, p.dry_only)
+    if ":" not in text:
+        raise sl.ShardingError(
+            f"unknown model {text!r}; use a preset ({', '.join(PRESETS)}) or "
+            "package.module:factory"
+        )
+    mod_name, _, attr = text.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `shardlang` finds your module the way `python -m` would
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise sl.ShardingError(f"cannot import {mod_name!r} for model {text!r}: {e}") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise sl.ShardingError(f"{mod_name} has no callable {attr!r} (model {text!r})")
+    return ModelRef(text, factory)

@@ -1,0 +1,349 @@
+"""One training loop for every mode: next-token cross-entropy, AdamW, recorded step.
+
+The loop is the same for the single-device reference (no mesh), dry mode (meta
+tensors, one traced step), simulate mode (every rank in this process) and run mode (one
+rank per process); only the session differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+import shardlang as sl
+from lowering._torch import host_values, implicit_replication, rank_values
+from lowering.parallel import DTensorContext, distribute_model
+from lowering.parallel.data import sync_grads
+from lowering.parallel.pipeline import StageModel, sum_shared_grads
+from lowering.parallel.pipeline_step import (dummy_tokens, funcol_all_reduce,
+                                             in_process_all_reduce, reduce_grads,
+                                             step_in_process, step_torch)
+from lowering.parallel.tensor import LocalOps, logits_of, loss_scope, next_token_loss
+from lowering.plan import Plan, Slot, bubble_of, microbatch_rows
+from lowering.run.guard import CheckMode, CollectiveGuard
+from lowering.run.session import Mode, Session, group_axes
+from lowering.schedule import Phase, Record, Recorder
+from models.datasets import Batches
+
+__all__ = ["TrainConfig", "TrainResult", "StepCallback", "Step", "train", "train_pipeline",
+           "reference"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1
+    batch: int = 8
+    seq: int = 32
+    lr: float = 3e-3          # AdamW; gpt-tiny learns the synthetic task in ~50 steps
+    seed: int = 0             # model init and data
+    keep_grads: bool = False  # keep step 0's full gradients (for --check)
+    microbatches: int = 1     # the single-device reference accumulates over these
+    check_collectives: CheckMode = CheckMode.FIRST  # run mode: which steps are checked
+    batch_ways: int = 1       # (how a pipeline splits the batch: see microbatch_rows)
+    vocab: int | None = None  # the data's vocabulary, checked against the logits
+
+
+@dataclass
+class TrainResult:
+    losses: list[list[float]] = field(default_factory=list)  # [step][rank]
+    records: list[Record] = field(default_factory=list)      # step 0, in issue order
+    grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> per rank
+    metrics: list[dict[str, object]] = field(default_factory=list)  # [step] name -> rank 0's value
+    stage_records: dict[int, list[Record]] = field(default_factory=dict)  # pp coordinate -> step 0
+    bubble: list[float] = field(default_factory=list)  # run mode, pp > 1: measured, per step
+    rank_records: dict[int, list[Record]] = field(default_factory=dict)  # run mode: every rank
+    seconds: list[float] = field(default_factory=list)  # wall clock per step (this process)
+
+
+def _values(t: torch.Tensor, world: int) -> list[torch.Tensor]:
+    full = t.full_tensor() if isinstance(t, DTensor) else t
+    return rank_values(full.detach(), world)
+
+
+def build_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return factory()
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one finished training step reports (rank 0's wall clock)."""
+
+    index: int                     # 0-based
+    losses: list[float]            # every rank's loss (run mode: this rank's)
+    metrics: dict[str, object]     # sl.metric values (rank 0's)
+    seconds: float                 # wall-clock time of the step on this process
+    tokens: int                    # tokens in the global batch
+
+
+StepCallback = Callable[[Step], None]
+
+
+def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batches,
+          cfg: TrainConfig, *, on_step: StepCallback | None = None) -> TrainResult:
+    """Train ``model`` under ``plan`` in ``sess`` (both None: the single-device reference)."""
+    dmesh = sess.dmesh if sess else None
+    # run mode: this process holds one rank's values; simulate: every rank's
+    world = sess.world if sess and sess.mode is Mode.SIMULATE else 1
+    dry = sess is not None and sess.mode is Mode.DRY
+    recorder = _guarded(Recorder(group_axes(sess)), sess, cfg) if sess else None
+    ctx = None
+    if plan is not None and dmesh is not None:
+        distribute_model(model, plan, dmesh)
+        ctx = DTensorContext(plan, dmesh, recorder)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=False)
+    result = TrainResult()
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        idx, tgt = _batch(data, step, cfg, ctx, dry=dry)
+        rec = recorder if step == 0 else _checker(sess, cfg, ctx)
+        with _recording(rec), _active(ctx, rec):
+            if ctx is not None:
+                idx = ctx.constrain(idx, ("batch", "seq"))
+                tgt = ctx.constrain(tgt, ("batch", "seq"))
+            if plan is None and cfg.microbatches > 1:
+                loss, reported = _accumulate(model, idx, tgt, cfg)
+            else:
+                loss, reported = _forward_backward(model, idx, tgt, cfg, rec)
+            if plan is not None and dmesh is not None:
+                sync_grads(model, plan, dmesh, rec)
+        if step == 0 and cfg.keep_grads and not dry:
+            result.grads = {n: _values(p.grad, world) for n, p in model.named_parameters()
+                            if p.grad is not None}
+        with _recording(rec), (rec.site("optimizer", Phase.OPTIMIZER) if rec else _null()):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if not dry:
+            losses = [float(v) for v in _values(loss, world)]
+            metrics = {k: _values(v, world)[0].tolist() for k, v in reported.metrics.items()}
+            _finish(result, step, losses, metrics, t0, cfg, on_step)
+    if recorder is not None:
+        result.records = recorder.records
+    return result
+
+
+def _batch(data: Batches, step: int, cfg: TrainConfig, ctx: DTensorContext | None, *,
+           dry: bool, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s global batch, the same on every rank, in the layout's token order
+    (load-balanced sequence sharding reorders tokens; a pipeline reorders rows)."""
+    with host_values():
+        idx, tgt = data.batch(step, cfg.batch, cfg.seq)
+        if ctx is not None:
+            order = ctx.positions(idx.shape[1], None)
+            idx, tgt = idx[:, order], tgt[:, order]
+        if rows is not None:
+            idx, tgt = idx[rows], tgt[rows]
+    if dry:
+        return idx.to("meta"), tgt.to("meta")
+    return idx, tgt
+
+
+def _forward_backward(model: nn.Module, idx: torch.Tensor, tgt: torch.Tensor, cfg: TrainConfig,
+                      rec: Recorder | None) -> tuple[torch.Tensor, sl.Collected]:
+    with sl.collecting() as reported:
+        logits = logits_of(model(idx))
+    with loss_scope(logits):
+        with (rec.site("loss") if rec else _null()):
+            loss = next_token_loss(logits, tgt, vocab=cfg.vocab)
+            aux = reported.total_aux()
+            total = loss if aux is None else loss + aux
+        total.backward()
+    return loss, reported
+
+
+def _finish(result: TrainResult, step: int, losses: list[float], metrics: dict[str, object],
+            t0: float, cfg: TrainConfig, on_step: StepCallback | None) -> None:
+    result.losses.append(losses)
+    result.metrics.append(metrics)
+    seconds = time.perf_counter() - t0
+    result.seconds.append(seconds)
+    if on_step:
+        on_step(Step(step, losses, metrics, seconds, cfg.batch * cfg.seq))
+
+
+def _guarded(rec: Recorder, sess: Session, cfg: TrainConfig) -> Recorder:
+    """Run mode: check each collective across its group before issuing it."""
+    if sess.mode is Mode.RUN and cfg.check_collectives is not CheckMode.OFF:
+        rec.guard = CollectiveGuard(sess.rank)
+    return rec
+
+
+def _checker(sess: Session | None, cfg: TrainConfig, ctx: DTensorContext | None
+             ) -> Recorder | None:
+    """After step 0: a throwaway recorder that only checks ("all"), else nothing."""
+    if sess is None or sess.mode is not Mode.RUN or cfg.check_collectives is not CheckMode.ALL:
+        return None
+    rec = _guarded(Recorder(group_axes(sess)), sess, cfg)
+    if ctx is not None:
+        ctx.recorder = rec
+    return rec
+
+
+def reference(factory: Callable[[], nn.Module], data: Batches, cfg: TrainConfig) -> TrainResult:
+    """The single-device run every layout must match (with ``cfg.microbatches`` > 1, the
+    pipeline's microbatches one after another, gradients accumulated)."""
+    return train(build_model(factory, cfg.seed), None, None, data, cfg)
+
+
+def _accumulate(model: nn.Module, idx: torch.Tensor, tgt: torch.Tensor,
+                cfg: TrainConfig) -> tuple[torch.Tensor, sl.Collected]:
+    """One device, the pipeline's microbatches in turn: mean loss, summed gradients / m."""
+    rows = microbatch_rows(idx.shape[0], cfg.batch_ways, cfg.microbatches)
+    m = cfg.microbatches
+    losses, last = [], sl.Collected()
+    for x, y in zip(idx[rows].chunk(m), tgt[rows].chunk(m)):
+        with sl.collecting() as last:
+            logits = logits_of(model(x))
+        loss = next_token_loss(logits, y, vocab=cfg.vocab)
+        aux = last.total_aux()
+        (loss if aux is None else loss + aux).backward()
+        losses.append(loss.detach())
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.div_(m)
+    return sum(losses) / m, last  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _recording(rec: Recorder | None) -> Iterator[None]:
+    if rec is None:
+        yield
+        return
+    with rec.recording():
+        yield
+
+
+@contextlib.contextmanager
+def _active(ctx: DTensorContext | None, rec: Recorder | None) -> Iterator[None]:
+    if ctx is None:
+        yield
+        return
+    where = rec.current_site if rec is not None else (lambda: "the model")
+    with sl.activate(ctx), implicit_replication(), LocalOps(where):
+        yield
+
+
+@contextlib.contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, data: Batches,
+                   cfg: TrainConfig, *, on_step: StepCallback | None = None) -> TrainResult:
+    """:func:`train` for a pipelined plan. ``models`` maps a pipeline coordinate to that
+    rank's model: every coordinate in dry and simulate modes (run in schedule order in
+    this process), this process's own in run mode."""
+    pipeline = plan.pipeline
+    if pipeline is None:
+        raise sl.ShardingError("train_pipeline needs a plan with pp > 1")
+    pipe = pipeline.pipe
+    run, dry = sess.mode is Mode.RUN, sess.mode is Mode.DRY
+    local = sess.stage_world if sess.mode is Mode.SIMULATE else 1
+    stages = {r: StageModel(m, plan, pipeline, r) for r, m in models.items()}
+    recs = {r: _guarded(Recorder(group_axes(sess)), sess, cfg) for r in stages}
+    ctxs: dict[int, DTensorContext | None] = {}
+    opts = {}
+    for r, st in stages.items():
+        if sess.dmesh is not None:
+            distribute_model(st.model, plan, sess.dmesh)
+        st.dmesh = sess.dmesh
+        ctxs[r] = DTensorContext(plan, sess.dmesh, recs[r]) if sess.dmesh is not None else None
+        opts[r] = torch.optim.AdamW(st.model.parameters(), lr=cfg.lr, foreach=False)
+    m = pipe.microbatches
+    rows = microbatch_rows(cfg.batch, plan.batch_ways, m)
+    tokens = dummy_tokens((cfg.batch // m, cfg.seq), "meta" if dry else sess.device)
+    result = TrainResult()
+
+    def constrain(r: int) -> Callable[[torch.Tensor, sl.Axes], torch.Tensor]:
+        ctx = ctxs[r]
+        return ctx.constrain if ctx is not None else (lambda x, axes: x)
+
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        idx, tgt = _batch(data, step, cfg, next(iter(ctxs.values())), dry=dry, rows=rows)
+        if run and sess.device != "cpu":
+            idx, tgt = idx.to(sess.device), tgt.to(sess.device)
+        live = {r: (recs[r] if step == 0 else _checker(sess, cfg, None)) for r in stages}
+
+        @contextlib.contextmanager
+        def active(r: int) -> Iterator[None]:
+            with _recording(live[r]), _active(ctxs[r], live[r]):
+                yield
+
+        if run:
+            (r, st), = stages.items()
+            with active(r):
+                out = step_torch(st, ctxs[r], live[r], pipe, idx, tgt, sess.pp_group,
+                                 torch.device(sess.device), tokens, constrain(r))
+                reduce_grads(st, pipe, live[r])
+                sum_shared_grads(st, funcol_all_reduce(sess.pp_group), live[r])
+        else:
+            out = step_in_process(stages, {r: constrain(r) for r in stages}, live, pipe,
+                                  list(idx.chunk(m)), list(tgt.chunk(m)), active, tokens)
+            for r, st in stages.items():
+                with active(r):
+                    reduce_grads(st, pipe, live[r])
+            reduce = in_process_all_reduce(stages, live, pipe.pp)
+            for r, st in stages.items():
+                with active(r):
+                    sum_shared_grads(st, reduce(r), live[r])
+        if step == 0 and cfg.keep_grads and not dry:
+            result.grads = _stage_grads(stages, local, sess)
+        for r, st in stages.items():
+            with active(r), (live[r].site("optimizer", Phase.OPTIMIZER) if live[r] else _null()):
+                opts[r].step()
+                opts[r].zero_grad(set_to_none=True)
+        if dry:
+            continue
+        losses = _pipeline_losses(out.losses, m, local, sess)
+        # the first microbatch's sl.metric values (those of layers this process runs)
+        metrics = {k: _values(v, local)[0].tolist() for k, v in out.metrics.items()}
+        if run:
+            result.bubble.append(_measured_bubble(out.slots, pipe.pp, sess))
+        _finish(result, step, losses, metrics, t0, cfg, on_step)
+    result.stage_records = {r: recs[r].records for r in stages}
+    result.records = result.stage_records[min(stages)]
+    return result
+
+
+def _stage_grads(stages: Mapping[int, StageModel], local: int, sess: Session
+                 ) -> dict[str, list[torch.Tensor | None]]:
+    """name -> one entry per rank (None where that rank's stage does not hold it)."""
+    world = local * sess.mesh.pp if sess.mode is Mode.SIMULATE else 1
+    out: dict[str, list[torch.Tensor | None]] = {}
+    for r, st in stages.items():
+        for name, p in st.model.named_parameters():
+            if p.grad is None:
+                continue
+            slot = out.setdefault(name, [None] * world)
+            for i, v in enumerate(_values(p.grad, local)):
+                slot[r * local + i if world > 1 else 0] = v
+    return out
+
+
+def _pipeline_losses(losses: list[torch.Tensor], m: int, local: int, sess: Session) -> list[float]:
+    """The step's loss (mean over microbatches) for every rank; in run mode the last
+    stage's value, broadcast over pp."""
+    if sess.mode is not Mode.RUN:
+        mean = [sum(float(_values(x, local)[i]) for x in losses) / m for i in range(local)]
+        return [mean[g % local] for g in range(sess.mesh.size)]
+    value = sum(float(_values(x, 1)[0]) for x in losses) / m if losses else 0.0
+    t = torch.tensor([value], dtype=torch.float64, device=sess.device)
+    pp, s = sess.mesh.pp, sess.stage_world
+    src = sess.rank % s + (pp - 1) * s
+    dist.broadcast(t, src=src, group=sess.pp_group)
+    return [float(t.item())]
+
+
+def _measured_bubble(slots: list[Slot], pp: int, sess: Session) -> float:
+    """Idle fraction of the pipeline from every pp rank's compute timestamps."""
+    gathered: list[list] = [[] for _ in range(pp)]
+    dist.all_gather_object(gathered, slots, group=sess.pp_group)
+    return bubble_of([s for part in gathered for s in part], pp)
