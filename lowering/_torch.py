@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = [
     "TorchDispatchMode", "ModTracker", "implicit_replication", "loss_parallel",
     "in_backward", "is_higher_order", "op_name", "is_functional_collective",
-    "tree_flatten", "tree_unflatten", "tree_leaves",
+    "tree_flatten", "tree_unflatten", "tree_leaves", "tree_map",
     "all_to_all_single", "all_reduce_sum", "wait",
     "rank_values", "local_tensor_mode", "own_copy_per_rank", "host_values", "per_rank",
     "rank_index", "forget_dtensor_caches", "init_fake", "interleaved_order", "default_store",
@@ -70,6 +70,7 @@ def is_functional_collective(func: Any) -> bool:
 tree_flatten = _pytree.tree_flatten
 tree_unflatten = _pytree.tree_unflatten
 tree_leaves = _pytree.tree_leaves
+tree_map = _pytree.tree_map
 
 
 # -- functional collectives -----------------------------------------------------------------------

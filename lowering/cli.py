@@ -42,7 +42,13 @@ EXIT_OK, EXIT_CHECK, EXIT_BAD_INPUT, EXIT_TORCH, EXIT_HANG = 0, 1, 2, 3, 4
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
-                   help=f"a preset ({', '.join(PRESETS)}) or package.module:factory")
+                   help=f"a preset ({', '.join(PRESETS)}), package.module:factory, or a "
+                        "Hugging Face model: hf:NAME (a built-in architecture, e.g. "
+                        "hf:llama-3-8b; needs the .[hf] extra) or hf:PATH (a folder with "
+                        "config.json and safetensors weights)")
+    p.add_argument("--config", default="", metavar="KEY=VALUE,...",
+                   help="with hf:MODEL: override config fields, e.g. "
+                        "num_hidden_layers=2,hidden_size=64 (runs any architecture tiny)")
     p.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. dp=2,tp=2")
     p.add_argument("--rules", default="",
                    help="logical=mesh overrides on the default rules, e.g. batch=dp,heads=tp "
@@ -142,7 +148,8 @@ def _layout(args: argparse.Namespace) -> Layout:
     values = {f.name: getattr(args, f.name) for f in option_fields()}
     if values["schedule"] is not None:
         values["schedule"] = Schedule.parse(values["schedule"])
-    return Layout(resolve(args.model), mesh, rules, Options(**values), args.seed)
+    return Layout(resolve(args.model, config=args.config), mesh, rules, Options(**values),
+                  args.seed)
 
 
 def _data(args: argparse.Namespace) -> Batches | None:

@@ -40,7 +40,8 @@ from torch import nn
 
 import shardlang as sl
 
-__all__ = ["MoE", "Routing", "route", "capacity", "check_moe_config", "TOKEN_AXES"]
+__all__ = ["MoE", "Routing", "route", "assign_slots", "capacity", "check_moe_config",
+           "TOKEN_AXES", "one_hot"]
 
 #: The mesh axes the tokens are sharded over under the standard rules (batch -> (dp, ep),
 #: seq -> sp). Routing statistics are summed over exactly these, so they are global.
@@ -93,7 +94,7 @@ def capacity(tokens: int, *, n_experts: int, top_k: int, capacity_factor: float)
     return max(1, math.ceil(capacity_factor * top_k * tokens / n_experts))
 
 
-def _one_hot(index: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+def one_hot(index: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
     """``(...,) -> (..., n)``; an index outside 0..n-1 gives a row of zeros.
     (A comparison rather than ``F.one_hot``, so it also runs on meta tensors.)"""
     return (index.unsqueeze(-1) == torch.arange(n, device=index.device)).to(dtype)
@@ -125,9 +126,9 @@ class Routing:
         return (~self.kept).sum()
 
     def _masks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        to_expert = _one_hot(self.expert, self.n_experts, dtype)  # (T, K, X)
+        to_expert = one_hot(self.expert, self.n_experts, dtype)  # (T, K, X)
         to_expert = to_expert * self.kept.unsqueeze(-1)           # dropped choices: zero rows
-        to_slot = _one_hot(self.slot, self.capacity, dtype)  # (T, K, C): zeros past capacity
+        to_slot = one_hot(self.slot, self.capacity, dtype)  # (T, K, C): zeros past capacity
         return to_expert, to_slot
 
     def dispatch(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -166,14 +167,21 @@ def route(probs: torch.Tensor, top_k: int, capacity: int) -> Routing:
     gate, expert = probs.topk(top_k, dim=-1)                 # (T, K) each
     if top_k > 1:
         gate = gate / gate.sum(-1, keepdim=True)
-    chosen = _one_hot(expert, X, torch.int64)                # (T, K, X)
-    # (K*T, X): every token's 1st choice in token order, then every 2nd choice, ...
-    by_priority = chosen.transpose(0, 1).reshape(top_k * T, X)
-    before = by_priority.cumsum(0) - by_priority             # (K*T, X): earlier claims per expert
-    slot = (before * by_priority).sum(-1)                    # (K*T,): the claimed expert's count
-    slot = slot.reshape(top_k, T).transpose(0, 1)            # (T, K)
+    slot = assign_slots(expert, X)
     return Routing(expert=expert, gate=gate, slot=slot, kept=slot < capacity,
                    capacity=capacity, n_experts=X)
+
+
+def assign_slots(expert: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """``(T, K)`` expert choices -> ``(T, K)`` buffer slots: all first choices in token
+    order claim their expert's slots before all second choices, and so on."""
+    T, K = expert.shape
+    chosen = one_hot(expert, n_experts, torch.int64)        # (T, K, X)
+    # (K*T, X): every token's 1st choice in token order, then every 2nd choice, ...
+    by_priority = chosen.transpose(0, 1).reshape(K * T, n_experts)
+    before = by_priority.cumsum(0) - by_priority             # (K*T, X): earlier claims per expert
+    slot = (before * by_priority).sum(-1)                    # (K*T,): the claimed expert's count
+    return slot.reshape(K, T).transpose(0, 1)                # (T, K)
 
 
 # -- the layer -------------------------------------------------------------------------
@@ -267,8 +275,8 @@ class MoE(nn.Module):
     def _statistics(self, r: Routing, probs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Global routing statistics: one psum per token mesh axis, all packed together."""
         X = self.n_experts
-        first = _one_hot(r.expert[:, 0], X, probs.dtype).sum(0)      # (X,) first choices
-        chosen = _one_hot(r.expert, X, probs.dtype).sum((0, 1))      # (X,) all K choices
+        first = one_hot(r.expert[:, 0], X, probs.dtype).sum(0)      # (X,) first choices
+        chosen = one_hot(r.expert, X, probs.dtype).sum((0, 1))      # (X,) all K choices
         dropped = r.dropped.to(probs.dtype).reshape(1)               # (1,)
         stats = torch.cat([first, chosen, dropped, probs.sum(0)])    # (3X+1,)
         for axis in TOKEN_AXES:

@@ -5,7 +5,7 @@ split. This package is pure (no ``torch.distributed``): with no lowering active 
 call has single-device semantics. ``lowering`` turns a model, mesh and rules into a plan.
 """
 
-from shardlang.annotate import annotate, axes, logical_axes
+from shardlang.annotate import activation_axes, annotate, axes, logical_axes
 from shardlang.context import Comm, LoweringContext, activate, active
 from shardlang.errors import ShardingError, ShardingWarning
 from shardlang.mesh import MESH_AXES, Mesh
@@ -19,7 +19,7 @@ from shardlang.spec import P
 
 __all__ = [
     "MESH_AXES", "LOGICAL_AXES", "Axes", "Mesh", "P", "Rules", "ShardingError", "ShardingWarning",
-    "axes", "annotate", "logical_axes", "constrain", "attention", "shard_map",
+    "axes", "annotate", "logical_axes", "activation_axes", "constrain", "attention", "shard_map",
     "positions", "axis_index",
     "psum", "all_gather", "psum_scatter", "all_to_all", "ppermute",
     "Comm", "LoweringContext", "active", "activate",

@@ -62,7 +62,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
     Under a plan, batch and heads may be sharded (each rank attends over its own heads);
     the computation runs on each rank's local block, since attention is independent per
-    batch row and head.
+    batch row and head. ``k`` and ``v`` may have fewer heads than ``q`` (grouped-query
+    attention: each key/value head serves ``q_heads / kv_heads`` query heads); under
+    ``tp`` the key/value heads are split too, so tp must divide them.
 
     Example:
         >>> import torch, shardlang as sl
@@ -72,9 +74,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """
     for t in (q, k, v):
         _check_rank(t, ("batch", "heads", "seq", None), "attention")
+    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]:
+        raise ShardingError(
+            f"attention: {q.shape[1]} query heads and {k.shape[1]} key / {v.shape[1]} value "
+            "heads; grouped-query attention needs as many key as value heads, dividing the "
+            "query heads")
     ctx = active()
     if ctx is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
     return ctx.attention(q, k, v, causal=causal, scale=scale)
 
 

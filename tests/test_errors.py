@@ -21,7 +21,7 @@ CASES = [
     (["--mesh", "tp=3"], ["mesh axis 'tp' (size 3)", "'heads' (size 4)", "blocks.0.attn",
                           "choose tp in {1, 2, 4}"]),
     (["--mesh", "tp=8"], ["'heads' (size 4)", "choose tp in {1, 2, 4}"]),
-    (["--mesh", "dp=3"], ["mesh axis 'dp' (size 3)", "'batch' (size 8)", "choose dp in {1, 2, 4, 8}"]),
+    (["--mesh", "dp=3", "--batch", "8"], ["mesh axis 'dp' (size 3)", "'batch' (size 8)", "choose dp in {1, 2, 4, 8}"]),
     (["--mesh", "tp=2", "--rules", "hedas=tp"], ["'hedas'", "did you mean 'heads'"]),
     (["--mesh", "tp=2", "--rules", "heads=tp,embed=tp"], ["uses mesh axis 'tp' twice",
                                                           "a mesh axis may shard only one dim"]),
@@ -56,8 +56,8 @@ def test_python_errors_name_the_tensor() -> None:
         lowering.lower(model, sl.Mesh(tp=8), sl.Rules.default(), batch=8, seq=32)
     with pytest.raises(sl.ShardingError, match=r"P\('tp', 'tp'\) for blocks\.0\.mlp\.up\.weight"):
         lowering.lower(model, sl.Mesh(tp=2), sl.Rules(mlp="tp", embed="tp"))
-    with pytest.raises(sl.ShardingError, match=r"pp\*v = 3\*1 = 3 must divide the 4 layers"):
-        lowering.lower(model, sl.Mesh(pp=3), sl.Rules.default())
+    with pytest.raises(sl.ShardingError, match=r"pp\*v = 8\*1 = 8 pipeline chunks but .* 4 layers"):
+        lowering.lower(model, sl.Mesh(pp=8), sl.Rules.default())
 
 
 def test_errors_are_value_errors_not_assertions() -> None:

@@ -70,9 +70,9 @@ def test_bubble_of_the_timeline_is_the_formula(p: int, m: int) -> None:
 
 # -- errors -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("args", "needle"), [
-    (("--mesh", "pp=3"), "pp*v = 3*1 = 3 must divide the 4 layers"),
+    (("--mesh", "pp=8"), "pp*v = 8*1 = 8 pipeline chunks but GPT.blocks has 4 layers"),
     (("--mesh", "pp=2", "--schedule", "interleaved", "--virtual-stages", "4"),
-     "pp*v = 2*4 = 8 must divide the 4 layers"),
+     "pp*v = 2*4 = 8 pipeline chunks but GPT.blocks has 4 layers"),
     (("--mesh", "pp=2,dp=2", "--batch", "8", "--microbatches", "3"),
      "batch must be divisible by dp-ways*microbatches = 2*3 = 6"),
     (("--mesh", "pp=2", "--schedule", "zigzag"), "unknown pipeline schedule 'zigzag'"),

@@ -26,6 +26,19 @@ __all__ = ["DTensorContext"]
 _ATTN_AXES: sl.Axes = ("batch", "heads", "seq", None)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous, as the DTensor it flows
+    back into claims."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return g.contiguous()
+
+
 class DTensorContext:
     """Implements :class:`shardlang.LoweringContext` over one DTensor device mesh."""
 
@@ -62,10 +75,12 @@ class DTensorContext:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                   causal: bool, scale: float | None) -> torch.Tensor:
         spec = self._attention_spec(q)
+        self._attention_spec(k, "key/value heads of ")
         seq_axes = [a for a in spec.axes_of(2) if self.mesh.axis_size(a) > 1]
         if not seq_axes:
             def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                      enable_gqa=q.shape[1] != k.shape[1])
 
             return self._shard_map_specs(local_attention, [spec] * 3, [spec], (q, k, v))
         axis = seq_axes[0]
@@ -77,11 +92,11 @@ class DTensorContext:
 
         return self._shard_map_specs(ring, [spec] * 3, [spec], (q, k, v))
 
-    def _attention_spec(self, q: torch.Tensor) -> sl.P:
+    def _attention_spec(self, q: torch.Tensor, what: str = "") -> sl.P:
         """(batch, heads, seq, None), with the sequence split over one mesh axis at most
         and never over an axis batch or heads already use (Megatron-SP gathers the
         sequence before attention: heads take tp)."""
-        where = f"attention in {self.site()}"
+        where = f"{what}attention in {self.site()}"
         entries = [self.rules.mesh_entry(a) for a in ("batch", "heads")]
         used = {a for e in entries for a in ((e,) if isinstance(e, str) else (e or ()))}
         seq = self.rules.mesh_entry("seq")
@@ -144,7 +159,10 @@ class DTensorContext:
             if spec is None:
                 local_args.append(a)
                 continue
-            local = self._to_layout(a, placements(spec, self.mesh)).to_local()  # type: ignore[arg-type]
+            # contiguous first: to_local's backward claims the input's global strides for
+            # the local gradient, which a transposed input's gradient would not have
+            local = self._to_layout(a, placements(spec, self.mesh)).contiguous().to_local()  # type: ignore[arg-type]
+            local = _ContiguousGrad.apply(local)
             local_args.append(tracker.mark(local, frozenset(spec.mesh_axes)))
         self.tracker = tracker
         try:
@@ -168,8 +186,8 @@ class DTensorContext:
                 )
             shape = [s * math.prod(self.mesh.axis_size(a) for a in spec.axes_of(d))
                      for d, s in enumerate(o.shape)]
-            result.append(DTensor.from_local(
-                o, self.dmesh, placements(spec, self.mesh), run_check=False,
+            result.append(DTensor.from_local(  # the stride claimed is contiguous: so is o
+                o.contiguous(), self.dmesh, placements(spec, self.mesh), run_check=False,
                 shape=torch.Size(shape), stride=contiguous_stride(shape)))
         check_outputs(outs, out_specs, tracker, self.mesh.shape, name)
         return result[0] if single else tuple(result)

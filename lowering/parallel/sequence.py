@@ -9,8 +9,9 @@
 
 When the sequence dim of attention is sharded over a mesh axis of n ranks, each rank
 keeps its queries and passes its key/value block around the ring with ``sl.ppermute``:
-n steps, n-1 exchanges. Each step attends to one K/V block and merges the partial
-result by the online-softmax rule (keep a running log-sum-exp ``lse``; rescale the old
+n steps, n-1 exchanges (with grouped-query attention the ring carries the fewer
+key/value heads, expanded to the query heads locally). Each step attends to one K/V
+block and merges the partial result by the online-softmax rule (keep a running log-sum-exp ``lse``; rescale the old
 output by exp(lse - new_lse) and the new block's by exp(block_lse - new_lse)).
 Everything is ordinary autograd, so backward (the inverse permutes included) is right.
 
@@ -59,16 +60,19 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, axis: s
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     me = sl.axis_index(axis)
     q_pos = block_positions(me, n, c, balanced=balanced).to(q.device)
-    kv = torch.stack((k, v))                                          # (2, b, h, c, d)
+    kv = torch.stack((k, v))                                          # (2, b, hk, c, d)
+    group = q.shape[1] // k.shape[1]  # grouped-query attention: query heads per K/V head
     out = lse = None
     for step in range(n):
-        scores = (q @ kv[0].transpose(-2, -1)) * scale                # (b, h, c, c)
+        kh, vh = (kv[0], kv[1]) if group == 1 else (
+            kv[0].repeat_interleave(group, 1), kv[1].repeat_interleave(group, 1))  # (b, h, c, d)
+        scores = (q @ kh.transpose(-2, -1)) * scale                   # (b, h, c, c)
         if causal:
             owner = (me - step) % n                                   # whose K/V we hold now
             k_pos = block_positions(owner, n, c, balanced=balanced).to(q.device)
             scores = scores.masked_fill(q_pos[:, None] < k_pos[None, :], _MASKED)
         block_lse = torch.logsumexp(scores, dim=-1, keepdim=True)     # (b, h, c, 1)
-        block_out = torch.exp(scores - block_lse) @ kv[1]             # (b, h, c, d)
+        block_out = torch.exp(scores - block_lse) @ vh                # (b, h, c, d)
         if out is None:
             out, lse = block_out, block_lse
         else:

@@ -48,7 +48,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import shardlang as sl
 from lowering._torch import loss_parallel
-from lowering.plan import Plan, Role, contiguous_stride
+from lowering.plan import Plan, Role, contiguous_stride, sdpa_as_attention
 from shardlang.errors import divisors
 
 __all__ = ["LocalOps", "relayout", "install_tp_hooks", "loss_scope", "loss_parallel_needed",
@@ -235,6 +235,19 @@ class LocalOps(TorchFunctionMode):
                 out = _linear(x, w, bias)
                 if out is not None:
                     return out
+        elif func is F.scaled_dot_product_attention:
+            call = sdpa_as_attention(func, args, kwargs)
+            ctx = sl.active()
+            if call is not None and ctx is not None and isinstance(call[0], DTensor):
+                q, k, v, causal, scale = call  # a model's own sdpa call: shardlang's attention
+                return ctx.attention(q, k, v, causal=causal, scale=scale)
+        elif func is torch.cat and args and isinstance(args[0], (list, tuple)):
+            parts = list(args[0])
+            if any(isinstance(t, DTensor) for t in parts) and any(
+                    not isinstance(t, DTensor) and t.numel() == 0 for t in parts):
+                # an empty plain tensor (a fresh key/value cache) adds nothing: drop it
+                parts = [t for t in parts if isinstance(t, DTensor) or t.numel() > 0]
+                return func(parts, *args[1:], **kwargs)
         elif func in _RESHAPES and args and isinstance(args[0], DTensor) and not kwargs:
             sizes = _sizes(args[0], args[1:])
             if sizes is not None:

@@ -3,6 +3,7 @@ and its action orders; analytic communication volumes. Never imports ``parallel`
 ``run``: nothing here executes a model on a mesh."""
 
 from lowering.plan.analytic import AxisVolume, Term, analytic_volume, unexplained
+from lowering.plan.meta import KnownValues
 from lowering.plan.lower import ParamPlan, PipelinePlan, Plan, lower
 from lowering.plan.options import Options, Schedule, check_options, given, option_fields
 from lowering.plan.pipeline import (BOUNDARY_AXES, Action, Kind, Pipe, Slot, actions, bubble_of,
@@ -10,13 +11,13 @@ from lowering.plan.pipeline import (BOUNDARY_AXES, Action, Kind, Pipe, Slot, act
                                     hidden_key, layer_stack, microbatch_rows, timeline)
 from lowering.plan.placements import contiguous_stride, describe, fsdp_dim, placements, tensor_axes
 from lowering.plan.roles import Role, tp_role
-from lowering.plan.shapes import ShapeTrace, check_activations
+from lowering.plan.shapes import ShapeTrace, check_activations, sdpa_as_attention
 
 __all__ = [
     "Plan", "ParamPlan", "PipelinePlan", "lower", "Options", "Schedule", "check_options",
-    "given", "option_fields", "Role", "tp_role", "ShapeTrace", "check_activations",
+    "given", "option_fields", "Role", "tp_role", "ShapeTrace", "check_activations", "sdpa_as_attention",
     "Pipe", "Action", "Kind", "Slot", "actions", "timeline", "bubble_of", "bubble_theory",
     "gantt_rows", "check_pipe", "describe_pipe", "layer_stack", "hidden_key",
     "microbatch_rows", "BOUNDARY_AXES", "placements", "tensor_axes", "fsdp_dim", "describe",
-    "contiguous_stride", "AxisVolume", "Term", "analytic_volume", "unexplained",
+    "contiguous_stride", "KnownValues", "AxisVolume", "Term", "analytic_volume", "unexplained",
 ]

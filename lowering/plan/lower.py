@@ -67,7 +67,7 @@ class PipelinePlan:
         if not self.in_stack(name):
             return None
         layer = int(name[len(self.stack) + 1:].split(".")[0])
-        return self.pipe.rank_of(layer // (self.n_layers // self.pipe.chunks))
+        return self.pipe.rank_of(self.pipe.chunk_of(layer, self.n_layers))
 
 
 @dataclass(frozen=True)

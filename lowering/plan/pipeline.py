@@ -78,9 +78,29 @@ class Pipe:
     def chunks_of(self, pp_rank: int) -> list[int]:
         return list(range(pp_rank, self.chunks, self.pp))
 
+    def layer_counts(self, n_layers: int) -> list[int]:
+        """Layers per chunk: equal, or where ``chunks`` does not divide the layers, one more
+        in the chunks nearest the middle (the first and last chunks also hold the
+        embedding and the head, so they get the fewer): 126 layers on 16 chunks are
+        7 x 8 + 9 x 7 ... arranged 7, 7, ..., 8, 8, ..., 7."""
+        c = self.chunks
+        base, extra = divmod(n_layers, c)
+        middle = sorted(range(c), key=lambda i: (abs(2 * i - (c - 1)), i))[:extra]
+        return [base + (i in middle) for i in range(c)]
+
     def layers_of(self, chunk: int, n_layers: int) -> range:
-        per = n_layers // self.chunks
-        return range(chunk * per, (chunk + 1) * per)
+        counts = self.layer_counts(n_layers)
+        start = sum(counts[:chunk])
+        return range(start, start + counts[chunk])
+
+    def chunk_of(self, layer: int, n_layers: int) -> int:
+        """The chunk that holds ``layer``."""
+        end = 0
+        for chunk, n in enumerate(self.layer_counts(n_layers)):
+            end += n
+            if layer < end:
+                return chunk
+        raise IndexError(layer)
 
 
 def check_pipe(pipe: Pipe, *, n_layers: int, where: str, batch: int | None = None,
@@ -98,12 +118,11 @@ def check_pipe(pipe: Pipe, *, n_layers: int, where: str, batch: int | None = Non
         raise sl.ShardingError(
             f"{given('virtual', v)} needs schedule='interleaved' (--schedule interleaved): "
             f"{pipe.schedule.value} runs one stage per pipeline rank")
-    if n_layers % (p * v):
-        ok = sorted({d for d in divisors(n_layers) if d % v == 0 or v == 1})
+    if n_layers < p * v:
         raise sl.ShardingError(
-            f"pp*v = {p}*{v} = {p * v} must divide the {n_layers} layers of {where} (logical "
-            f"axis 'layers'): each of the {p * v} pipeline chunks holds whole layers; choose "
-            f"pp*v in {{{', '.join(map(str, ok))}}}")
+            f"pp*v = {p}*{v} = {p * v} pipeline chunks but {where} has {n_layers} layers "
+            f"(logical axis 'layers'): each chunk holds at least one whole layer; choose "
+            f"pp*v <= {n_layers}")
     if pipe.schedule is Schedule.ONE_F_ONE_B and m < p:
         raise sl.ShardingError(
             f"1F1B needs at least as many microbatches as pipeline stages: "

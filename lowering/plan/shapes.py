@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 import shardlang as sl
 from lowering._torch import ModTracker, module_tracker
+from lowering.plan.meta import KnownValues
 from lowering.schedule.recorder import running_module
 
-__all__ = ["ShapeTrace", "check_activations"]
+__all__ = ["ShapeTrace", "check_activations", "sdpa_as_attention"]
 
 
 class _ShapeCheck:
@@ -30,11 +32,15 @@ class _ShapeCheck:
     def __init__(self, mesh: sl.Mesh, rules: sl.Rules, tracker: ModTracker) -> None:
         self.mesh, self.rules, self.tracker = mesh, rules, tracker
         self.names: set[str] = set()  # logical axes the model's activations use
-        self.attention_shapes: list[tuple[int, ...]] = []  # global q shape per attention call
+        self.attention_shapes: list[tuple[int, ...]] = []  # global key shape per attention call
         self.shard_map_modules: set[str] = set()  # modules whose forward runs a shard_map
+        self.computing = False  # inside attention's own sdpa call
 
     def _module(self) -> str:
         return running_module(self.tracker.parents)
+
+    def where_module(self) -> str:
+        return self._module() or "the model"
 
     def _where(self, what: str) -> str:
         return f"{what} in {self._module() or 'the model'}"
@@ -52,8 +58,15 @@ class _ShapeCheck:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                   causal: bool, scale: float | None) -> torch.Tensor:
         self._check(q, ("batch", "heads", "seq", None), "attention")
-        self.attention_shapes.append(tuple(q.shape))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        self._check(k, ("batch", "heads", "seq", None), "the key/value heads of attention")
+        self.attention_shapes.append(tuple(k.shape))  # what the ring carries (GQA: fewer heads)
+        self.computing = True
+        try:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+        finally:
+            self.computing = False
+
 
     def shard_map(self, fn: Callable[..., object], in_axes: Sequence[sl.Axes | None],
                   out_axes: object, args: tuple[object, ...]) -> object:
@@ -74,12 +87,47 @@ class _ShapeCheck:
         return torch.arange(n, device=device)
 
 
+class _SdpaAsAttention(TorchFunctionMode):
+    """In the shape check, a model's own ``F.scaled_dot_product_attention`` call (as Hugging
+    Face's default attention makes) is checked as ``sl.attention`` is: under a plan it
+    runs as one (:func:`sdpa_as_attention`)."""
+
+    def __init__(self, check: _ShapeCheck) -> None:
+        super().__init__()
+        self.check = check
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        call = sdpa_as_attention(func, args, kwargs)
+        if call is not None and not self.check.computing:
+            q, k, v, causal, scale = call
+            return self.check.attention(q, k, v, causal=causal, scale=scale)
+        return func(*args, **kwargs)
+
+
+def sdpa_as_attention(func: object, args: tuple, kwargs: dict
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, float | None] | None:
+    """``(q, k, v, causal, scale)`` when ``func(*args, **kwargs)`` is a scaled-dot-product
+    attention that ``sl.attention`` computes the same (4-D, no mask, no dropout), else None."""
+    if func is not F.scaled_dot_product_attention or len(args) < 3:
+        return None
+    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    extra = dict(zip(names, args[3:])) | kwargs
+    q, k, v = args[:3]
+    if extra.get("attn_mask") is not None or extra.get("dropout_p", 0.0) or any(
+            not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)):
+        return None
+    if q.shape[1] != k.shape[1] and not extra.get("enable_gqa", False):
+        return None
+    return q, k, v, bool(extra.get("is_causal", False)), extra.get("scale")
+
+
 @dataclass(frozen=True)
 class ShapeTrace:
     """What one forward on meta tensors saw: activation logical axes, attention shapes."""
 
     names: frozenset[str] = frozenset()
-    attention: tuple[tuple[int, ...], ...] = ()
+    attention: tuple[tuple[int, ...], ...] = ()  # global (batch, kv heads, seq, head_dim) per call
     shard_map_modules: frozenset[str] = frozenset()
     ran: bool = False  # the whole forward ran on meta tensors
 
@@ -96,7 +144,8 @@ def check_activations(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, batch
     check = _ShapeCheck(mesh, rules, tracker)
     ran = False
     try:
-        with tracker, sl.activate(check), torch.no_grad():
+        with tracker, sl.activate(check), KnownValues(check.where_module), \
+                _SdpaAsAttention(check), torch.no_grad():
             functional_call(model, {**params, **buffers}, (idx,), tie_weights=True)
         ran = True
     except sl.ShardingError:

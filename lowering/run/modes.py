@@ -8,6 +8,7 @@ schedule for the same rank.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -69,12 +70,15 @@ class Layout:
         return cls(ref, m, r, Options.of(**options), seed)
 
     def shapes(self, model: torch.nn.Module) -> tuple[int, int]:
-        """(batch, seq). Under a pipeline the default batch is the preset's batch per
-        microbatch (times the microbatches), so a preset runs on any pp as it is."""
+        """(batch, seq). The default batch is the preset's, rounded up to a multiple of
+        the ranks the batch is split over (dp=64 gets 64 rows); under a pipeline that per
+        microbatch (times the microbatches), so a preset runs on any mesh as it is."""
         batch = self.options.batch
-        if batch is None:
+        if batch is None:  # the preset's batch, rounded up to a multiple of the batch shards
             m = (self.options.microbatches or self.mesh.pp) if self.mesh.pp > 1 else 1
-            batch = self.model.batch * m
+            ways = math.prod(self.mesh.axis_size(a) for a in
+                             self.rules.spec(("batch",), where="the batch").mesh_axes)
+            batch = -(-self.model.batch // ways) * ways * m
         return batch, self.options.seq or self.model.default_seq(model)
 
     def plan(self, model: torch.nn.Module) -> Plan:

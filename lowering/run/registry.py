@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -15,7 +16,7 @@ import shardlang as sl
 from lowering.parallel.tensor import logits_of
 from models import PRESETS
 
-__all__ = ["ModelRef", "resolve"]
+__all__ = ["ModelRef", "resolve", "parse_config"]
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,70 @@ class ModelRef:
         return int(logits.shape[-1])
 
 
-def resolve(text: str) -> ModelRef:
-    """A preset (``gpt-tiny``) or an importable factory (``package.module:factory``)."""
+def parse_config(text: str) -> dict[str, object]:
+    """``"num_hidden_layers=2,hidden_size=64"`` -> ``{"num_hidden_layers": 2, ...}``."""
+    out: dict[str, object] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise sl.ShardingError(
+                f"--config {text!r}: {item!r} is not KEY=VALUE; write e.g. "
+                "--config num_hidden_layers=2,hidden_size=64")
+        out[key.strip()] = _value(value)
+    return out
+
+
+def _value(text: str) -> object:
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def _hf(text: str, config: dict[str, object]) -> ModelRef:
+    """``hf:NAME`` or ``hf:PATH``: a Hugging Face model through :func:`models.hf.load`."""
+    try:
+        # optional dependency: transformers is imported only for hf: models
+        import models.hf as hf  # noqa: PLC0415
+    except ImportError as e:
+        raise sl.ShardingError(
+            f"{text} needs Hugging Face transformers: pip install -e '.[hf]' ({e})") from e
+    source = text[len("hf:"):]
+    if not source:
+        raise sl.ShardingError(
+            f"{text!r}: name a built-in architecture ({', '.join(hf.BUILTIN)}) or a folder, "
+            "e.g. hf:llama-3-8b or hf:./my-model")
+    hf.check_source(source, config)  # bad names, folders and fields fail before a launch
+    label = text + (f" --config {','.join(f'{k}={v}' for k, v in config.items())}"
+                    if config else "")
+    return ModelRef(label, functools.partial(hf.load, source, **config),
+                    dry_only=hf.is_large(source, config))
+
+
+def resolve(text: str, *, config: str | dict[str, object] = "") -> ModelRef:
+    """A preset (``gpt-tiny``), an importable factory (``package.module:factory``) or a
+    Hugging Face model (``hf:NAME`` / ``hf:PATH``, with ``config`` overrides)."""
+    overrides = parse_config(config) if isinstance(config, str) else dict(config)
+    if text.startswith("hf:"):
+        return _hf(text, overrides)
+    if overrides:
+        raise sl.ShardingError(
+            f"--config overrides the config of a Hugging Face model (hf:NAME or hf:PATH); "
+            f"{text} is not one")
     if text in PRESETS:
         p = PRESETS[text]
         return ModelRef(p.name, p.factory, p.batch, p.seq, p.dry_only)
     if ":" not in text:
         raise sl.ShardingError(
-            f"unknown model {text!r}; use a preset ({', '.join(PRESETS)}) or "
-            "package.module:factory"
+            f"unknown model {text!r}; use a preset ({', '.join(PRESETS)}), "
+            "package.module:factory, or hf:NAME / hf:PATH for a Hugging Face model"
         )
     mod_name, _, attr = text.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:

@@ -21,8 +21,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 import shardlang as sl
-from lowering._torch import forget_dtensor_caches, init_fake, local_tensor_mode
-from lowering.plan import tensor_axes
+from lowering._torch import forget_dtensor_caches, init_fake, local_tensor_mode, module_tracker
+from lowering.plan import KnownValues, tensor_axes
+from lowering.schedule.recorder import running_module
 
 __all__ = ["Mode", "Session", "session", "device_and_backend", "under_torchrun", "stage_mesh",
            "group_axes"]
@@ -138,8 +139,10 @@ def session(mesh: sl.Mesh, mode: Mode, *, rank: int = 0) -> Iterator[Session]:
         if mode is Mode.SIMULATE:
             with local_tensor_mode(local.size):
                 yield Session(mode, mesh, rank, "cpu", dmesh)
-        else:
-            yield Session(mode, mesh, rank, "cpu", dmesh)
+        else:  # dry: meta tensors, with known values for what shapes and constants decide
+            tracker = module_tracker()
+            with tracker, KnownValues(lambda: running_module(tracker.parents) or "the model"):
+                yield Session(mode, mesh, rank, "cpu", dmesh)
     finally:
         dist.destroy_process_group()
         sys.excepthook = hook
