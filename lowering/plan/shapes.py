@@ -101,7 +101,11 @@ class _SdpaAsAttention(TorchFunctionMode):
         call = sdpa_as_attention(func, args, kwargs)
         if call is not None and not self.check.computing:
             q, k, v, causal, scale = call
-            return self.check.attention(q, k, v, causal=causal, scale=scale)
+            names = set(self.check.names)  # the model's own call constrains nothing itself:
+            try:  # its names must not turn off the automatic conversion points
+                return self.check.attention(q, k, v, causal=causal, scale=scale)
+            finally:
+                self.check.names = names
         return func(*args, **kwargs)
 
 

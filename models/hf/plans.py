@@ -195,21 +195,45 @@ def _linear_axes(path: str, style: str, mod: nn.Linear) -> dict[str, sl.Axes]:
     return {"weight": ("embed", inner)}
 
 
+def _annotated(model: nn.Module) -> bool:
+    return any(sl.logical_axes(p) is not None for p in model.parameters()) or any(
+        sl.logical_axes(m) is not None for m in model.modules())
+
+
+def _no_plan(model: nn.Module) -> str:
+    """What to do for an architecture with no plan, with this model's own module paths."""
+    arch = f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
+    stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not stacks:
+        where = "print(model) shows its module paths"
+        example = "{'PATH.TO.q_proj.weight': ('heads', 'embed'), ...}"
+    else:
+        stack, layers = max(stacks, key=lambda s: sum(p.numel() for p in s[1].parameters()))
+        linears = [n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)]
+        attn = [n for n in linears if _ATTENTION.search(n)]
+        q = next((n for n in attn if re.search(r"(^|[._])(q|query)", n)), attn[0] if attn else None)
+        o = next((n for n in attn if re.search(r"out|o_proj|dense", n)), attn[-1] if attn else None)
+        example = "{" + "".join(
+            f"'{stack}.*.{n}.weight': {axes}, " for n, axes in
+            ((q, ('heads', 'embed')), (o, ('embed', 'heads'))) if n) + f"..., '{stack}': ('layers',)}}"
+        act = "('batch', 'seq', 'embed')"
+        example += f", inputs={{'{stack}.*': {act}}}, outputs={{'{stack}.*': {act}}}"
+        where = f"its layer stack is {stack}; each layer's linears are {', '.join(linears)}"
+    return (f"{arch} has no tensor-parallel plan (config.base_model_tp_plan) and no shardlang "
+            f"table entry, so shardlang cannot tell which linears to split ({where}). Annotate "
+            f"the model yourself and pass it in: sl.annotate(model, {example}); "
+            "models.hf.load(model) (column splits ('heads'|'mlp', 'embed'), row splits "
+            "('embed', 'heads'|'mlp'))")
+
+
 def annotate_hf(model: nn.Module) -> nn.Module:
     """Annotate a HF model in place from its plans (see this module's doc)."""
     tp, ep, table = _plans(model)
     base = _base(model)
     if not tp and not ep:
-        arch = type(model).__name__
-        raise sl.ShardingError(
-            f"{arch} ({getattr(model.config, 'model_type', '?')}) has no tensor-parallel plan "
-            "(config.base_model_tp_plan) and no shardlang table entry, so shardlang cannot "
-            "tell which linears to split. Annotate it yourself, e.g. sl.annotate(model, "
-            "{'model.layers.*.attn.q.weight': ('heads', 'embed'), "
-            "'model.layers.*.attn.o.weight': ('embed', 'heads'), "
-            "'model.layers': ('layers',)}, inputs={'model.layers.*.attn': ('batch', 'seq', "
-            "'embed')}, outputs={'model.layers.*.attn': ('batch', 'seq', 'embed')}) "
-            "with your model's module paths (print(model) shows them)")
+        if _annotated(model):
+            return model  # annotated by the user (sl.annotate) before models.hf.load(model)
+        raise sl.ShardingError(_no_plan(model))
     object.__setattr__(model, "_shardlang_sources", _convert(model, base, table))
     params: dict[str, sl.Axes] = {}
     inputs: dict[str, sl.Axes] = {}
