@@ -28,7 +28,7 @@ from lowering.plan import Options, Schedule, describe_pipe, option_fields
 from lowering.printer import print_explain
 from lowering.run import CheckMode, Layout, Parity, explain, resolve, run, simulate
 from lowering.run.launch import launch_torchrun, report_worker_error
-from lowering.run.session import device_and_backend, under_torchrun
+from lowering.run.session import device_and_backend, process_group_closed, under_torchrun
 from lowering.run.train import Step
 from lowering.schedule import RankSchedules, schedule_json
 from models import PRESETS
@@ -320,12 +320,10 @@ def _inspect_run(layout: Layout, site: str) -> int:
     import torch.distributed as dist
 
     dist.init_process_group(device_and_backend()[1])  # one group: inspect reuses it
-    try:
+    with process_group_closed():
         ins = inspect(layout, site, run_mode=True)
         lines = "\n".join(f"{site} forward: {describe_value(v)}" for v in ins.values.values())
         print_ranks(lines, layout.mesh)
-    finally:
-        dist.destroy_process_group()
     return EXIT_OK
 
 

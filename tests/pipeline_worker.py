@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc-per-node N tests/pipeline_worker.py OUT.json SPEC...
 
-SPEC is ``model/mesh/schedule/microbatches[/virtual]``, e.g. ``gpt-tiny/pp=2,dp=2/1f1b/2``.
+SPEC is ``model/mesh/schedule/microbatches[/virtual]``, e.g. ``gpt-tiny/pp=2,dp=2/1f1b/2``
+(``model/mesh/-/-`` without a pipeline).
 Each layout trains 5 steps with ``--check`` semantics; rank 0 writes, per SPEC, whether
 every rank matched the single-device model, rank 0's losses, every rank's recorded
 schedule and the measured bubble.
@@ -23,6 +24,8 @@ from lowering.run.registry import resolve
 
 def layout_of(spec: str) -> Layout:
     model, mesh, schedule, m, *v = spec.split("/")
+    if schedule == "-":  # no pipeline: tests.hf_models:llama/tp=2/-/-
+        return Layout(resolve(model), sl.Mesh.parse(mesh))
     return Layout(resolve(model), sl.Mesh.parse(mesh), schedule=schedule, microbatches=int(m),
                   virtual=int(v[0]) if v else None)
 
@@ -47,6 +50,7 @@ def main(out: str, specs: list[str]) -> None:
     if int(os.environ["RANK"]) == 0:
         with open(out, "w") as f:
             json.dump(results, f)
+    dist.barrier()  # see lowering.run.session.process_group_closed
     dist.destroy_process_group()
 
 

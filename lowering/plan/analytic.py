@@ -178,8 +178,33 @@ def _tp(plan: Plan, model: nn.Module, b: int, s: int) -> list[Term]:
                      b * s * mod.in_features * _F32, n)]
             terms.append(Term("vocab-parallel loss: max, sum-exp, target logit", Op.ALL_REDUCE,
                               3, b * s * _F32, n))
+    terms += _head_local(plan, model, plans, n)
     if sp:
         terms += _grad_sync(plan, model, "tp", "Megatron-SP: tokens split over tp")
+    return terms
+
+
+def _head_local(plan: Plan, model: nn.Module, plans: dict[str, ParamPlan], n: int) -> list[Term]:
+    """A replicated weight that acts on each head's own width (a q/k norm of width
+    head_dim beside column-parallel q/k projections) sees only this rank's heads: its
+    gradient is partial over tp, one all-reduce backward."""
+    terms = []
+    for name, block in model.named_modules():
+        kids = dict(block.named_children())
+        widths = {m.in_features for k, m in kids.items() if isinstance(m, nn.Linear)
+                  and (pp := plans.get(f"{name}.{k}.weight" if name else f"{k}.weight"))
+                  and pp.role is Role.COLUMN and "tp" in pp.spec.mesh_axes}
+        if not widths:
+            continue
+        for k, m in kids.items():
+            w = getattr(m, "weight", None)
+            pp = plans.get(f"{name}.{k}.weight" if name else f"{k}.weight")
+            if (isinstance(m, (nn.Linear, nn.Embedding)) or w is None or pp is None
+                    or "tp" in pp.spec.mesh_axes or w.shape[-1] in widths):
+                continue
+            params = [p for p in m.parameters(recurse=False) if p.requires_grad]
+            terms.append(Term(f"{name}.{k} (acts on this rank's heads) weight grad bwd",
+                              Op.ALL_REDUCE, len(params), w.numel() * _F32, n))
     return terms
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import itertools
 import json
 import os
 
@@ -56,12 +57,18 @@ def _describe(sig: dict) -> str:
             f"({sig['phase']}) at {sig['site']}")
 
 
+_GUARDS = itertools.count()
+
+
 class CollectiveGuard:
     """Checks each collective of this rank against its group's, through the store."""
 
-    def __init__(self, rank: int, prefix: str = "shardlang/check", *,
+    def __init__(self, rank: int, prefix: str | None = None, *,
                  timeout: float | None = None) -> None:
-        self.rank, self.prefix = rank, prefix
+        # one key space per guard: every rank makes its guards in the same order (one per
+        # training run), so runs sharing a process group never read each other's keys
+        self.rank = rank
+        self.prefix = prefix if prefix is not None else f"shardlang/check/{next(_GUARDS)}"
         self.timeout = timeout if timeout is not None else check_timeout()
         self.store = default_store()
         self.count: dict[str, int] = {}

@@ -14,6 +14,7 @@ from torch import nn
 
 import shardlang as sl
 from lowering.parallel.tensor import logits_of
+from lowering.plan import KnownValues
 from models import PRESETS
 
 __all__ = ["ModelRef", "resolve", "parse_config"]
@@ -62,7 +63,7 @@ class ModelRef:
             return int(cfg.vocab_size)
         probe = self.build(meta=True)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), KnownValues():
                 out = probe(torch.zeros(1, 2, dtype=torch.long, device="meta"))
         except Exception as e:
             raise sl.ShardingError(

@@ -246,7 +246,10 @@ def annotate_hf(model: nn.Module) -> nn.Module:
             for kind, axes in _linear_axes(path, style, mod).items():
                 if getattr(mod, kind, None) is not None:
                     params[f"{path}.{kind}"] = axes
-            (inputs if style in _COLUMN else outputs)[parent] = _ACT
+            if style in _COLUMN:
+                inputs[parent] = _ACT
+            else:  # the linear's own output: its parent may add a residual and norm first
+                outputs[parent] = outputs[path] = _ACT
         if is_experts(mod) and (ep or style is not None):
             for n, p in mod.named_parameters(recurse=False):
                 if p.shape[0] == mod.num_experts:
