@@ -105,6 +105,13 @@ def local_tensor_mode(world: int) -> Iterator[LocalTensorMode]:
         yield mode
 
 
+def rank_map(value_of: Callable[[int], torch.Tensor]) -> torch.Tensor | None:
+    """In simulate mode, a tensor whose simulated rank ``r`` holds ``value_of(r)`` (a
+    LocalTensor); None outside simulate mode."""
+    lm = enabled_local_tensor_mode()
+    return None if lm is None else lm.rank_map(value_of)
+
+
 def own_copy_per_rank(t: torch.Tensor) -> torch.Tensor:
     """In simulate mode, a plain tensor shared by all ranks becomes one copy per rank
     (a LocalTensor), so in-place updates (the optimizer) stay rank-local."""

@@ -16,6 +16,7 @@ from shardlang.ops import (
 )
 from shardlang.rules import LOGICAL_AXES, Axes, Rules
 from shardlang.spec import P
+from shardlang.weights import read_from, read_later, reader_of, reading_later
 
 __all__ = [
     "MESH_AXES", "LOGICAL_AXES", "Axes", "Mesh", "P", "Rules", "ShardingError", "ShardingWarning",
@@ -24,4 +25,5 @@ __all__ = [
     "psum", "all_gather", "psum_scatter", "all_to_all", "ppermute",
     "Comm", "LoweringContext", "active", "activate",
     "aux_loss", "metric", "collecting", "Collected",
+    "read_from", "reader_of", "reading_later", "read_later",
 ]

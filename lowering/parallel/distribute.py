@@ -4,11 +4,14 @@ gather (:mod:`.data`) and tensor parallelism's conversion points (:mod:`.tensor`
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 
-from lowering._torch import own_copy_per_rank
+import shardlang as sl
+from lowering._torch import host_values, own_copy_per_rank, rank_map
 from lowering.parallel.data import install_fsdp
 from lowering.parallel.tensor import install_tp_hooks
 from lowering.plan import Plan
@@ -25,11 +28,13 @@ def distribute_model(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> nn.Modu
         if p_plan.name not in held:  # a layer another pipeline stage holds
             continue
         old = held[p_plan.name]
-        data = distribute_tensor(old.detach(), dmesh, p_plan.placements, src_data_rank=None)
-        local = own_copy_per_rank(data.to_local())
-        if local is not data.to_local():
-            data = DTensor.from_local(local, dmesh, p_plan.placements, run_check=False,
-                                      shape=data.shape, stride=data.stride())
+        data = _read_shard(p_plan.name, old, dmesh, p_plan.placements)
+        if data is None:
+            data = distribute_tensor(old.detach(), dmesh, p_plan.placements, src_data_rank=None)
+            local = own_copy_per_rank(data.to_local())
+            if local is not data.to_local():
+                data = DTensor.from_local(local, dmesh, p_plan.placements, run_check=False,
+                                          shape=data.shape, stride=data.stride())
         new[id(old)] = nn.Parameter(data, requires_grad=old.requires_grad)
     for mod in model.modules():
         for pname, p in list(mod._parameters.items()):
@@ -38,3 +43,45 @@ def distribute_model(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> nn.Modu
     install_fsdp(model, plan, dmesh)
     install_tp_hooks(model, plan)
     return model
+
+
+def block_of(shape: torch.Size, dmesh: DeviceMesh, placements: tuple[Placement, ...],
+             rank: int) -> tuple[slice, ...]:
+    """The block of a tensor of ``shape`` that ``rank`` holds under ``placements``: each
+    ``Shard(d)``, in mesh-dim order, splits dim d's current range as ``torch.chunk`` does."""
+    coord = (dmesh.mesh == rank).nonzero()[0].tolist()
+    ranges = [[0, n] for n in shape]
+    for i, p in enumerate(placements):
+        if isinstance(p, Shard):
+            lo, hi = ranges[p.dim]
+            size, n = hi - lo, dmesh.mesh.shape[i]
+            chunk = -(-size // n)
+            ranges[p.dim] = [lo + min(coord[i] * chunk, size), lo + min((coord[i] + 1) * chunk, size)]
+    return tuple(slice(lo, hi) for lo, hi in ranges)
+
+
+def _read_shard(name: str, old: torch.Tensor, dmesh: DeviceMesh, placements: tuple[Placement, ...]
+                ) -> DTensor | None:
+    """The parameter as a DTensor whose every rank read only its own block from the
+    reader a factory tagged it with (:func:`shardlang.read_from`); None without one."""
+    read = sl.reader_of(old)
+    if read is None or old.device.type == "meta" or not all(
+            type(p) in (Shard, Replicate) for p in placements):
+        return None
+
+    def local(rank: int) -> torch.Tensor:
+        block = block_of(old.shape, dmesh, placements, int(rank))
+        with host_values():  # the reader's own tensor code runs as plain torch
+            t = read(block)
+        want = tuple(b.stop - b.start for b in block)
+        if tuple(t.shape) != want:
+            raise sl.ShardingError(
+                f"the weights reader of {name} (shape {tuple(old.shape)}) returned "
+                f"{tuple(t.shape)} for block {block}; it must return the block asked for")
+        return t.to(device=old.device, dtype=old.dtype).contiguous()
+
+    values = rank_map(local)
+    if values is None:  # run mode: this process is one rank
+        values = local(dist.get_rank())
+    return DTensor.from_local(values, dmesh, placements, run_check=False,
+                              shape=old.shape, stride=old.stride())

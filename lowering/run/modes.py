@@ -207,14 +207,14 @@ def train_layout(layout: Layout, mode: Mode, *, steps: int, check: bool = False,
             f"{layout.model.name} is too large to {mode.value} here (dry mode only): use "
             f"'shardlang explain {layout.model.name} --mesh {layout.mesh}'"
         )
-    model = layout.model.build(seed=layout.seed)
+    model = layout.model.build(seed=layout.seed, shards=True)
     plan = layout.plan(model)
     data = data or ArithmeticSequences(layout.model.vocab_size(model))
     cfg = layout.config(plan, model, steps=steps, lr=lr, keep_grads=check,
                         check_collectives=check_collectives, vocab=data.vocab_size)
     with session(layout.mesh, mode) as sess:
         mine = [sess.rank // sess.stage_world] if mode is Mode.RUN else range(layout.mesh.pp)
-        models = {r: model if r == mine[0] else layout.model.build(seed=layout.seed)
+        models = {r: model if r == mine[0] else layout.model.build(seed=layout.seed, shards=True)
                   for r in mine}
         if watch is not None:
             watch(models, sess)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -28,13 +29,13 @@ class ModelRef:
     seq: int | None = None
     dry_only: bool = False
 
-    def build(self, *, seed: int = 0, meta: bool = False) -> nn.Module:
+    def build(self, *, seed: int = 0, meta: bool = False, shards: bool = False) -> nn.Module:
+        """The model (``meta``: on meta tensors; ``shards``: to be distributed, so a
+        factory that can tags weights to be read per rank, see :mod:`shardlang.weights`)."""
         torch.manual_seed(seed)
         try:
-            if meta:
-                with torch.device("meta"):
-                    model = self.factory()
-            else:
+            with torch.device("meta") if meta else contextlib.nullcontext(), (
+                    sl.read_later() if shards else contextlib.nullcontext()):
                 model = self.factory()
         except sl.ShardingError:
             raise

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -92,15 +93,26 @@ def _config(source: str | PretrainedConfig, overrides: Mapping[str, object]) -> 
     return build_config(source, overrides), None
 
 
-def _build(config: PretrainedConfig) -> PreTrainedModel:
+def _build(config: PretrainedConfig, folder: str | None = None) -> PreTrainedModel:
+    """From the config (random weights), or with ``folder`` through HF's own loader."""
     cls = _model_class(config)
     attention.register()
     experts.register()
-    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+    if folder is not None:
+        build = functools.partial(cls.from_pretrained, folder, config=config)
+    else:
+        build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+        build = functools.partial(build, config)
     try:
-        model = build(config, attn_implementation=attention.NAME)
+        model = build(attn_implementation=attention.NAME)
     except (ValueError, ImportError, KeyError):  # no attention backends: keep its sdpa/eager
-        model = build(config)
+        model = build()
+    return model
+
+
+def _prepared(model: PreTrainedModel) -> PreTrainedModel:
+    experts.prepare_experts(model)
+    annotate_hf(model)
     return model
 
 
@@ -147,11 +159,12 @@ def load(source: str | PretrainedConfig | PreTrainedModel, **overrides: object) 
     else:
         config, folder = _config(source, overrides)
         model = _build(config)
-    experts.prepare_experts(model)
-    annotate_hf(model)
+    _prepared(model)
     on_meta = any(p.device.type == "meta" for p in model.parameters())
-    if folder is not None and weight_files(folder) and not on_meta:
-        load_weights(model, folder)
+    if folder is not None and weight_files(folder) and not on_meta and load_weights(model, folder):
+        # keys that need HF's own conversions (Mixtral's per-expert w1/w2/w3 into stacked
+        # experts): HF's loader reads every tensor whole, on every rank
+        model = _prepared(_build(config, folder))
     _contract_forward(model)
     return model
 

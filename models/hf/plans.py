@@ -138,7 +138,7 @@ def _convert(model: nn.Module, base: str, table: Table | None) -> dict[str, Sour
                     src = found.get(f"{path}.{kind}", Source(f"{path}.{kind}"))
                     found[f"{path}.{i}.{kind}"] = Source(src.key, src.transposed and kind == "weight",
                                                          (i * rows, (i + 1) * rows))
-                found.pop(f"{path}.weight", None), found.pop(f"{path}.bias", None)
+            found.pop(f"{path}.weight", None), found.pop(f"{path}.bias", None)
             _set(model, path, parts)
     return found
 

@@ -3,6 +3,7 @@ parameters that module surgery moved)."""
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 
@@ -45,40 +46,44 @@ def read_block(file: str, key: str, src: Source | None, block: tuple[slice, ...]
     parameter as the model holds it), reading only that block from the file."""
     with safe_open(file, framework="pt") as h:
         view = h.get_slice(key)
-        shape = view.get_shape()
         transposed = bool(src and src.transposed)
         rows = src.rows if src and src.rows else None
-        full = [slice(0, n) for n in (shape[::-1] if transposed else shape)]
-        want = list(block) if block is not None else full
-        if rows is not None:  # a part of a fused weight: rows of the model's view
-            start = rows[0] + (want[0].start or 0)
-            stop = rows[0] + (want[0].stop if want[0].stop is not None else rows[1] - rows[0])
-            want[0] = slice(start, stop)
-        if transposed:
-            want = want[::-1]
-        t = view[tuple(want)]
+        shape = list(view.get_shape())
+        shape = shape[::-1] if transposed else shape  # as the model holds it
+        if rows is not None:
+            shape[0] = rows[1] - rows[0]
+        want = [slice(*b.indices(n)[:2]) for b, n in zip(block, shape)] if block is not None \
+            else [slice(0, n) for n in shape]
+        if rows is not None:  # a part of a fused weight: rows of the file's (model-view) tensor
+            want[0] = slice(rows[0] + want[0].start, rows[0] + want[0].stop)
+        t = view[tuple(want[::-1] if transposed else want)]
         return t.t().contiguous() if transposed else t
 
 
-def load_weights(model: nn.Module, folder: str) -> None:
-    """Copy every parameter's values from the folder's safetensors files (a parameter the
-    files do not hold is a ShardingError naming it)."""
+def _read_as(file: str, key: str, src: Source | None, dtype: torch.dtype,
+             block: tuple[slice, ...]) -> torch.Tensor:
+    return read_block(file, key, src, block).to(dtype)
+
+
+def load_weights(model: nn.Module, folder: str) -> list[str]:
+    """Copy every parameter's values from the folder's safetensors files, by name; or,
+    if the files lack some names, copy nothing and return those names. While
+    :func:`shardlang.reading_later` (the model is built to be distributed) parameters are
+    tagged with a reader of their blocks instead, so each rank reads only its shard."""
     where = _index(folder)
     moved = sources(model)
     base = getattr(model, "base_model_prefix", "")
-    tied = {id(p) for n, p in model.named_parameters()}
-    missing = []
-    for name, p in model.named_parameters(remove_duplicate=False):
+    found, missing = [], []
+    for name, p in model.named_parameters():  # a tied alias loads through its first name
         key = _key(name, moved.get(name), where, base)
-        if key is None:
-            if id(p) in tied and name not in dict(model.named_parameters()):
-                continue  # a tied alias: its first name loads it
-            missing.append(name)
+        (missing.append(name) if key is None else found.append((p, where.get(key), key,
+                                                                 moved.get(name))))
+    if missing:
+        return missing
+    for p, file, key, src in found:
+        if sl.reading_later():  # distributed: each rank reads its block when distributed
+            sl.read_from(p, functools.partial(_read_as, file, key, src, p.dtype))
             continue
         with torch.no_grad():
-            p.copy_(read_block(where[key], key, moved.get(name)).to(p.dtype))
-    if missing:
-        raise sl.ShardingError(
-            f"the safetensors files in {folder} hold no weights for {len(missing)} parameter(s) "
-            f"of {type(model).__name__}, e.g. {', '.join(missing[:3])}; save the folder with "
-            "model.save_pretrained(folder) (or load without weights from a config only)")
+            p.copy_(read_block(file, key, src).to(p.dtype))
+    return []
