@@ -175,14 +175,16 @@ def test_bad_input_is_one_clear_line_exit_2(cli, argv: list[str], pieces: list[s
         assert piece in err, (piece, err)
 
 
-class _DataDependent(nn.Module):
-    """Branches on a value computed from its input: a shape only real data can decide."""
-
+class _Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Embedding(16, 8)
         self.head = nn.Linear(8, 16)
         sl.annotate(self, {"embed.weight": ("vocab", "embed"), "head.weight": ("vocab", "embed")})
+
+
+class _DataDependent(_Tiny):
+    """Branches on a value computed from its input: a shape only real data can decide."""
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.embed(idx)
@@ -190,14 +192,8 @@ class _DataDependent(nn.Module):
         return self.head(x) + keep.shape[0] * 0
 
 
-class _ConstantChecks(nn.Module):
+class _ConstantChecks(_Tiny):
     """Asks data-dependent questions of tensors built from constants (as HF's masks do)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(16, 8)
-        self.head = nn.Linear(8, 16)
-        sl.annotate(self, {"embed.weight": ("vocab", "embed"), "head.weight": ("vocab", "embed")})
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         mask = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
