@@ -74,5 +74,5 @@ def opt_annotated() -> torch.nn.Module:
         f"{layer}.fc2.weight": ("embed", "mlp"),
         "model.decoder.embed_tokens.weight": ("vocab", "embed"),
         "model.decoder.layers": ("layers",),
-    }, inputs={layer: act}, outputs={layer: act})
+    }, inputs={layer: act}, outputs={layer: act, f"{layer}.self_attn": act})
     return models.hf.load(model)

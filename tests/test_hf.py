@@ -54,7 +54,7 @@ def _on(records: list[Record], axis: str) -> list[Record]:
     return [r for r in records if r.axis == axis]
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "gpt2", "bert", "opt_annotated"])
 def test_tp_reaches_megatron_minimum_with_the_analytic_bytes(model: str) -> None:
     """2 all-reduces forward + 2 backward per layer, 1 for the vocab-parallel embedding, 1
     for the head's input gradient and 3 small ones for the loss: 2*4 + 5 = 13."""

@@ -217,7 +217,10 @@ def _no_plan(model: nn.Module) -> str:
             f"'{stack}.*.{n}.weight': {axes}, " for n, axes in
             ((q, ('heads', 'embed')), (o, ('embed', 'heads'))) if n) + f"..., '{stack}': ('layers',)}}"
         act = "('batch', 'seq', 'embed')"
-        example += f", inputs={{'{stack}.*': {act}}}, outputs={{'{stack}.*': {act}}}"
+        blocks = [n for n, m in layers[0].named_children() if _ATTENTION.search(n)
+                  and any(isinstance(c, nn.Linear) for c in m.modules())]
+        outs = "".join(f", '{stack}.*.{n}': {act}" for n in blocks)  # reduce before the residual
+        example += f", inputs={{'{stack}.*': {act}}}, outputs={{'{stack}.*': {act}{outs}}}"
         where = f"its layer stack is {stack}; each layer's linears are {', '.join(linears)}"
     return (f"{arch} has no tensor-parallel plan (config.base_model_tp_plan) and no shardlang "
             f"table entry, so shardlang cannot tell which linears to split ({where}). Annotate "
