@@ -57,7 +57,7 @@ def _describe(sig: dict) -> str:
             f"({sig['phase']}) at {sig['site']}")
 
 
-_GUARDS = itertools.count()
+_GUARDS: dict[int, itertools.count] = {}  # rank -> its guards so far
 
 
 class CollectiveGuard:
@@ -65,10 +65,11 @@ class CollectiveGuard:
 
     def __init__(self, rank: int, prefix: str | None = None, *,
                  timeout: float | None = None) -> None:
-        # one key space per guard: every rank makes its guards in the same order (one per
+        # one key space per run: every rank makes its guards in the same order (one per
         # training run), so runs sharing a process group never read each other's keys
         self.rank = rank
-        self.prefix = prefix if prefix is not None else f"shardlang/check/{next(_GUARDS)}"
+        run = next(_GUARDS.setdefault(rank, itertools.count()))
+        self.prefix = prefix if prefix is not None else f"shardlang/check/{run}"
         self.timeout = timeout if timeout is not None else check_timeout()
         self.store = default_store()
         self.count: dict[str, int] = {}
