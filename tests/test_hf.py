@@ -30,21 +30,31 @@ def _layout(model: str, mesh: str, **options: object) -> Layout:
 
 
 # -- parity: every rank matches the single-device model ------------------------------------
-PARITY = [
-    ("llama", "tp=2", {}), ("llama", "dp=2,tp=2", {}), ("llama", "sp=2", {"load_balance": True}),
-    ("llama", "pp=2", {}), ("llama", "dp=2,tp=2", {"fsdp": True}),
-    ("qwen2", "tp=2", {}), ("qwen3", "sp=2", {}), ("mistral", "dp=2,tp=2", {}),
-    ("gpt2", "dp=2,tp=2", {}), ("gpt2", "pp=2", {}), ("bert", "tp=2", {}),
-    ("mixtral", "ep=2", {}), ("mixtral", "dp=2,ep=2", {}), ("mixtral", "tp=2", {}),
-    ("mixtral", "pp=2", {}), ("qwen2_moe", "ep=2", {}), ("qwen3_moe", "dp=2,ep=2", {"fsdp": True}),
-    ("opt_annotated", "tp=2", {}),
+def _hf(model: str) -> str:
+    """The CLI's spelling of a tiny config: ``hf:NAME --config k=v,...``."""
+    return ",".join(f"{k}={v}" for k, v in TINY[model][1].items())
+
+
+MATRIX = [(m, mesh, o) for m in ("llama", "qwen2", "mistral", "gpt2", "mixtral")
+          for mesh, o in (("tp=2", {}), ("dp=2,tp=2", {}), ("sp=2", {}), ("pp=2", {}),
+                          ("dp=2", {"fsdp": True}))]
+PARITY = MATRIX + [
+    ("mixtral", "ep=2", {}), ("mixtral", "dp=2,ep=2", {}), ("qwen2_moe", "ep=2", {}),
+    ("qwen2_moe", "dp=2,ep=2", {}), ("llama", "sp=2", {"load_balance": True}),
+    ("llama", "dp=2,tp=2", {"fsdp": True}), ("qwen3", "sp=2", {}), ("bert", "tp=2", {}),
+    ("qwen3_moe", "dp=2,ep=2", {"fsdp": True}), ("opt_annotated", "tp=2", {}),
 ]
 
 
 @pytest.mark.parametrize(("model", "mesh", "options"), PARITY,
                          ids=[f"{m}-{mesh}{'-' + '-'.join(o) if o else ''}" for m, mesh, o in PARITY])
 def test_hf_model_matches_single_device(model: str, mesh: str, options: dict) -> None:
-    result, parity = simulate(_layout(model, mesh, **options), steps=2, check=True)
+    """2 steps, fp32, rtol = atol = 1e-5, HF's defaults; built as ``hf:NAME --config ...``
+    where the architecture is built in, else from the factory in tests/hf_models.py."""
+    ref = resolve(f"hf:{TINY[model][0]}", config=_hf(model)) if model in TINY else resolve(
+        f"tests.hf_models:{model}")
+    lay = Layout(ref, sl.Mesh.parse(mesh), sl.Rules.default(), **options)  # type: ignore[arg-type]
+    result, parity = simulate(lay, steps=2, check=True)
     assert parity is not None and parity.ok, parity.lines
     assert len(result.losses) == 2
 
