@@ -92,3 +92,40 @@ def test_shardlang_never_imports_distributed_or_lowering() -> None:
         assert not bad.search(path.read_text()), path
     for path in (root / "models").glob("*.py"):
         assert "import lowering" not in path.read_text() and "from lowering" not in path.read_text()
+
+
+# -- sl.annotate(inputs=, outputs=): activation constraints from outside ----------------------
+def test_annotate_inputs_outputs_constrain_from_outside_at_megatron_minimum() -> None:
+    """The third-party decoder, constrained from outside where Megatron converts: at the
+    inputs of the column-parallel linears and the head (the norms' outputs) and
+    at each row-parallel output: 13 tp all-reduces for 2 layers, wire = analytic."""
+    from lowering.run import Layout, explain
+    from lowering.run.registry import ModelRef
+    from tests.third_party_llama import annotated
+
+    act = ("batch", "seq", "embed")
+
+    def build() -> torch.nn.Module:
+        return sl.annotate(annotated(), inputs={"layers.*": act}, outputs={
+            "layers.*.input_norm": act, "layers.*.post_norm": act, "norm": act,
+            "layers.*.o_proj": act, "layers.*.down_proj": act})
+
+    m = build()
+    assert sl.activation_axes(m.layers[0]) == (act, None)
+    assert sl.activation_axes(m.layers[1].o_proj) == (None, act)
+    assert m(torch.zeros(2, 8, dtype=torch.long)).shape == (2, 8, 128)  # one device: identity
+    ex = explain(Layout(ModelRef("outside", build), sl.Mesh(tp=2)))
+    assert "embed" in ex.plan.trace.names  # the model now constrains its activations itself
+    tp = [r for r in ex.schedules.ranks[0] if r.axis == "tp"]
+    assert len(tp) == 13 and ex.analytic["tp"].wire_bytes == sum(r.wire_bytes for r in tp)
+
+
+def test_annotate_inputs_outputs_bad_patterns_are_sharding_errors() -> None:
+    from tests.third_party_llama import annotated
+
+    m = annotated()
+    with pytest.raises(sl.ShardingError, match=r"matches no module.*did you mean 'layers.0'"):
+        sl.annotate(m, inputs={"layer.0": ("batch", "seq", "embed")})
+    sl.annotate(m, outputs={"layers.*": ("batch", "seq", "embed")})
+    sl.annotate(m, outputs={"layers.*": ("batch", None, "embed")})  # re-annotating replaces
+    assert sl.activation_axes(m.layers[0]) == (None, ("batch", None, "embed"))
