@@ -11,4 +11,14 @@ from lowering.plan import Options, ParamPlan, PipelinePlan, Plan, Schedule, lowe
 
 register_cpu_sdpa()  # third-party models call F.scaled_dot_product_attention directly
 
-__all__ = ["lower", "Plan", "ParamPlan", "PipelinePlan", "Options", "Schedule"]
+__all__ = ["lower", "Plan", "ParamPlan", "PipelinePlan", "Options", "Schedule", "parallelize",
+           "Parallel"]
+
+
+def __getattr__(name: str) -> object:
+    """``lowering.parallelize`` and ``lowering.Parallel``, imported on first use (they
+    bring the execution layers; planning alone does not need them)."""
+    if name in ("parallelize", "Parallel"):
+        from lowering.run import parallelize as module
+        return getattr(module, name)
+    raise AttributeError(f"module 'lowering' has no attribute {name!r}")

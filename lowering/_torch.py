@@ -42,7 +42,8 @@ __all__ = [
     "rank_values", "local_tensor_mode", "own_copy_per_rank", "host_values", "per_rank",
     "rank_index", "forget_dtensor_caches", "init_fake", "interleaved_order", "default_store",
     "group_ranks", "module_tracker", "tracker_snapshot", "register_cpu_sdpa",
-    "instrument_pipeline_stage", "quiet_dtensor_warnings",
+    "instrument_pipeline_stage", "quiet_dtensor_warnings", "free_storage", "refill_storage",
+    "storage_freed", "dtensor_op_handlers", "optimizer_step_hooks", "loss_parallel_active",
 ]
 
 
@@ -267,3 +268,81 @@ def register_cpu_sdpa() -> None:
 def quiet_dtensor_warnings() -> None:
     """DTensor's advice to flatten mesh dims for a 2-D all-reduce is noise for our users."""
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+
+
+# -- storage: FSDP frees a gathered parameter after forward and refills it in backward --------
+def _storage_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors whose storage holds ``t``'s values (one per simulated rank)."""
+    inner = t._local_tensor if hasattr(t, "_local_tensor") else t  # a DTensor's local block
+    if isinstance(inner, LocalTensor):
+        return list(inner._local_tensors.values())
+    return [inner]
+
+
+def free_storage(t: torch.Tensor) -> None:
+    """Release ``t``'s memory (its storage shrinks to 0 bytes; autograd's saved views of it
+    keep their metadata). Meta tensors hold no memory: nothing to do."""
+    for x in _storage_tensors(t):
+        if x.device.type != "meta":
+            x.untyped_storage().resize_(0)
+
+
+def refill_storage(t: torch.Tensor, values: torch.Tensor) -> None:
+    """Give ``t`` back its memory and copy ``values`` (the same layout) into it."""
+    with maybe_disable_local_tensor_mode(), torch.no_grad():
+        for x, v in zip(_storage_tensors(t), _storage_tensors(values)):
+            if x.device.type == "meta":
+                continue
+            extent = x.storage_offset() + 1 + sum((n - 1) * st for n, st in
+                                                  zip(x.shape, x.stride()) if n > 0)
+            x.untyped_storage().resize_(extent * x.element_size() if x.numel() else 0)
+            x.copy_(v)
+
+
+def storage_freed(t: torch.Tensor) -> bool:
+    return any(x.device.type != "meta" and x.untyped_storage().nbytes() == 0
+               for x in _storage_tensors(t))
+
+
+# -- a user's own loop ------------------------------------------------------------------------
+@contextlib.contextmanager
+def dtensor_op_handlers(*, item: Callable[[Any], object]) -> Iterator[None]:
+    """While active, ``.item()`` (and ``float()``) of a DTensor calls ``item(dtensor)``:
+    DTensor would return this rank's local value, a partial sum where the tensor is
+    ``Partial``."""
+    from torch.distributed.tensor import DTensor
+
+    handlers = DTensor._op_dispatcher._custom_op_handlers
+    op = torch.ops.aten._local_scalar_dense.default
+    before = handlers.get(op)
+    handlers[op] = lambda op_call, args, kwargs: item(args[0])
+    try:
+        yield
+    finally:
+        if before is None:
+            handlers.pop(op, None)
+        else:
+            handlers[op] = before
+
+
+@contextlib.contextmanager
+def optimizer_step_hooks(*, before: Callable[[], object], after: Callable[[], object]
+                         ) -> Iterator[None]:
+    """Call ``before``/``after`` around every optimizer's ``step()`` in this process."""
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+
+    pre = register_optimizer_step_pre_hook(lambda opt, args, kwargs: before())
+    post = register_optimizer_step_post_hook(lambda opt, args, kwargs: after())
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()
+
+
+def loss_parallel_active() -> bool:
+    """Whether torch's ``loss_parallel`` handlers are installed right now."""
+    from torch.distributed.tensor import DTensor
+
+    return torch.ops.aten._log_softmax.default in DTensor._op_dispatcher._custom_op_handlers

@@ -58,7 +58,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         flag, help_ = f.metadata["flag"], f.metadata["help"]
         if f.type in ("bool", bool):
             p.add_argument(flag, dest=f.name, action="store_true", help=help_)
-        elif f.name == "schedule":
+        elif f.name in ("schedule", "precision"):
             p.add_argument(flag, dest=f.name, default=None, metavar=f.metadata["metavar"],
                            help=help_)
         else:
@@ -148,6 +148,8 @@ def _layout(args: argparse.Namespace) -> Layout:
     values = {f.name: getattr(args, f.name) for f in option_fields()}
     if values["schedule"] is not None:
         values["schedule"] = Schedule.parse(values["schedule"])
+    if values["precision"] is None:
+        del values["precision"]
     return Layout(resolve(args.model, config=args.config), mesh, rules, Options(**values),
                   args.seed)
 

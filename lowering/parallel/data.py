@@ -1,122 +1,28 @@
-"""Data parallelism: parameters onto the mesh, DDP gradient all-reduce, and FSDP.
+"""Data parallelism: gradients reduced over dp (DDP) during backward.
 
-* Plain dp: parameters are replicated over ``dp``; the batch is sharded, so each
-  gradient comes out of backward ``Partial`` over dp and :func:`sync_grads` all-reduces
-  it (one all-reduce per parameter, in reverse registration order as DDP's buckets go;
-  the payloads add up to all parameter bytes).
-* FSDP (``fsdp=True``): parameters are stored ``Shard(d)`` over dp. The module that
-  owns them gathers them at use (all-gather, forward), runs under activation
-  checkpointing so they are re-gathered in backward (all-gather, backward) instead of
-  being kept, and the gradient of the gather is a reduce-scatter. All three are
-  DTensor redistributions, so they run and are recorded in dry, simulate and run mode.
+Parameters are replicated over ``dp``; the batch is sharded, so each gradient comes out
+of backward ``Partial`` over dp. :func:`install_grad_sync` hooks every parameter: as soon
+as autograd has accumulated its gradient, the gradient is all-reduced (one all-reduce per
+parameter, issued while the rest of the backward still runs, in the order backward
+finishes them; the payloads add up to all parameter bytes). Inside :func:`no_sync`
+gradients accumulate unreduced and the first backward after it reduces the sum once.
+:func:`sync_grads` does the same after backward, for the pipeline's stages. FSDP lives in
+:mod:`.fsdp`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
-from torch.utils.checkpoint import checkpoint
+from torch.distributed.tensor import DTensor, Placement, Shard
 
-import shardlang as sl
-from lowering.parallel.tensor import LocalOps
 from lowering.plan import Plan
-from lowering.schedule import Op, Phase, Recorder, logical, site
+from lowering.schedule import Phase, Recorder
 
-__all__ = ["install_fsdp", "sync_grads", "reduce_grad"]
-
-
-def install_fsdp(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> None:
-    """Make every module that owns an FSDP-sharded parameter gather it at use."""
-    if not plan.options.fsdp:
-        return
-    for mod_name, mod in model.named_modules():
-        names = [n for n, p in mod._parameters.items()
-                 if p is not None and _is_fsdp(plan, f"{mod_name}.{n}" if mod_name else n)]
-        if names:
-            _gather_at_use(mod, mod_name, names, dmesh)
-
-
-def _is_fsdp(plan: Plan, name: str) -> bool:
-    aliases = dict(plan.aliases)
-    try:
-        return plan.param(aliases.get(name, name)).fsdp_dim is not None
-    except KeyError:
-        return False
-
-
-def _gathered(pl: tuple[Placement, ...], axes: tuple[str, ...]) -> list[Placement]:
-    return [Replicate() if a == "dp" else p for a, p in zip(axes, pl)]
-
-
-class _Gather(torch.autograd.Function):
-    """FSDP's gather of one parameter, with the site of both collectives pinned.
-
-    Forward: all-gather over dp (``Shard`` -> ``Replicate``). Backward: first give the
-    gradient the parameter's own placements on every axis but dp (a local slice: an
-    embedding's backward, say, yields a tp-replicated grad), then reduce-scatter over dp.
-    """
-
-    @staticmethod
-    def forward(ctx, p: DTensor, name: str, dmesh: DeviceMesh) -> DTensor:  # noqa: ANN001
-        ctx.name, ctx.dmesh, ctx.pl = name, dmesh, tuple(p.placements)
-        ctx.axes = tuple(dmesh.mesh_dim_names or ())
-        full = _gathered_shape(p, ctx.axes)
-        ctx.full = full
-        with torch.no_grad(), site(name), logical(Op.ALL_GATHER, full):
-            return p.redistribute(dmesh, _gathered(ctx.pl, ctx.axes))
-
-    @staticmethod
-    def backward(ctx, g: DTensor):  # noqa: ANN001, ANN205
-        with site(ctx.name), logical(Op.REDUCE_SCATTER, ctx.full):
-            return reduce_grad(g, ctx.dmesh, ctx.pl), None, None
-
-
-def _gathered_shape(p: DTensor, axes: tuple[str, ...]) -> list[int]:
-    """The block an FSDP gather produces on this rank: ``p``'s block under every axis but
-    dp, with the dp-sharded dim padded up to a multiple of dp (as c10d moves it)."""
-    shape = list(p.shape)
-    for mesh_dim, (a, q) in enumerate(zip(axes, p.placements)):
-        if isinstance(q, Shard):
-            n = p.device_mesh.size(mesh_dim)
-            chunk = -(-shape[q.dim] // n)
-            shape[q.dim] = chunk * n if a == "dp" else chunk
-    return shape
-
-
-def _gather_at_use(mod: nn.Module, mod_name: str, names: list[str], dmesh: DeviceMesh) -> None:
-    orig: Callable[..., object] = mod.forward
-
-    def run(*args: object, **kwargs: object) -> object:
-        for n in names:
-            mod.__dict__[n] = _Gather.apply(mod._parameters[n], mod_name, dmesh)
-        try:
-            return orig(*args, **kwargs)
-        finally:
-            for n in names:
-                mod.__dict__.pop(n, None)
-
-    @functools.wraps(orig)
-    def forward(*args: object, **kwargs: object) -> object:
-        if not torch.is_grad_enabled():
-            return run(*args, **kwargs)
-        ctx = sl.active()
-
-        def rerun(*a: object, **kw: object) -> object:
-            # backward recomputes outside the forward: re-enter the lowering context and the
-            # local linear, so the recomputed ops are the ones the forward ran
-            with (sl.activate(ctx) if ctx else contextlib.nullcontext()), LocalOps():
-                return run(*a, **kw)
-
-        # not keeping the gathered weights: backward re-runs `rerun`, gathering again
-        return checkpoint(rerun, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
-
-    mod.forward = forward  # type: ignore[method-assign]
+__all__ = ["sync_grads", "reduce_grad", "install_grad_sync", "GradSync"]
 
 
 def reduce_grad(g: DTensor, dmesh: DeviceMesh, target: Sequence[Placement]) -> DTensor:
@@ -138,6 +44,45 @@ def reduce_grad(g: DTensor, dmesh: DeviceMesh, target: Sequence[Placement]) -> D
                 step[d] = want
                 g = g.redistribute(dmesh, step)
     return g if tuple(g.placements) == target else g.redistribute(dmesh, target)
+
+
+class GradSync:
+    """The gradient hooks of one model; ``enabled`` False accumulates without reducing."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        before, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = before
+
+
+def install_grad_sync(model: nn.Module, dmesh: DeviceMesh,
+                      recorder: Callable[[], Recorder | None]) -> GradSync:
+    """Reduce each parameter's gradient to its placements as soon as backward has
+    accumulated it (``recorder()`` is the recorder of the running step, if any)."""
+    state = GradSync()
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+
+        def hook(param: nn.Parameter, name: str = name) -> None:
+            g = param.grad
+            if not state.enabled or not isinstance(g, DTensor) or \
+                    tuple(g.placements) == tuple(param.placements):
+                return
+            rec = recorder()
+            with (rec.site(name, Phase.BACKWARD) if rec else contextlib.nullcontext()):
+                param.grad = reduce_grad(g, dmesh, param.placements)
+
+        p.register_post_accumulate_grad_hook(hook)
+    return state
 
 
 def sync_grads(model: nn.Module, plan: Plan, dmesh: DeviceMesh, recorder: Recorder | None) -> None:

@@ -12,7 +12,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 
 import shardlang as sl
 from lowering._torch import host_values, own_copy_per_rank, rank_map
-from lowering.parallel.data import install_fsdp
+from lowering.parallel.fsdp import compute_dtype, install_at_use
 from lowering.parallel.tensor import install_tp_hooks
 from lowering.plan import Plan
 
@@ -40,7 +40,7 @@ def distribute_model(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> nn.Modu
         for pname, p in list(mod._parameters.items()):
             if p is not None and id(p) in new:
                 mod._parameters[pname] = new[id(p)]
-    install_fsdp(model, plan, dmesh)
+    install_at_use(model, plan, dmesh, dtype=compute_dtype(plan.options.precision))
     install_tp_hooks(model, plan)
     return model
 

@@ -47,11 +47,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 import shardlang as sl
-from lowering._torch import loss_parallel
+from lowering._torch import host_values, loss_parallel, loss_parallel_active
 from lowering.plan import Plan, Role, contiguous_stride, sdpa_as_attention
 from shardlang.errors import divisors
 
 __all__ = ["LocalOps", "relayout", "install_tp_hooks", "loss_scope", "loss_parallel_needed",
+           "user_cross_entropy",
            "next_token_loss", "logits_of"]
 
 _PINNED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # relayout outputs: conversion points
@@ -227,6 +228,11 @@ class LocalOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        if kwargs.get("generator") is not None:
+            # a draw from the user's own generator happens once, as on each real rank (in
+            # simulate mode it would otherwise advance the generator once per simulated rank)
+            with host_values():
+                return func(*args, **kwargs)
         if func is F.linear and len(args) >= 2:
             x, w = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -241,6 +247,9 @@ class LocalOps(TorchFunctionMode):
             if call is not None and ctx is not None and isinstance(call[0], DTensor):
                 q, k, v, causal, scale = call  # a model's own sdpa call: shardlang's attention
                 return ctx.attention(q, k, v, causal=causal, scale=scale)
+        elif func is F.cross_entropy and args and isinstance(args[0], DTensor) and \
+                not loss_parallel_active():
+            return user_cross_entropy(*args, **kwargs)
         elif func is torch.cat and args and isinstance(args[0], (list, tuple)):
             parts = list(args[0])
             if any(isinstance(t, DTensor) for t in parts) and any(
@@ -264,6 +273,52 @@ def loss_scope(logits: torch.Tensor) -> contextlib.AbstractContextManager:
         isinstance(p, Shard) and p.dim == logits.dim() - 1 for p in logits.placements
     )
     return loss_parallel() if vocab_sharded else contextlib.nullcontext()
+
+
+class _VocabParallel(torch.autograd.Function):
+    """``fn(logits)`` and its backward both inside torch's ``loss_parallel`` (which must
+    see the backward too), for a loss the user calls outside any scope of ours."""
+
+    @staticmethod
+    def forward(ctx, logits: DTensor, fn: Callable[[DTensor], DTensor]) -> DTensor:  # noqa: ANN001
+        x = logits.detach().requires_grad_(logits.requires_grad)
+        with torch.enable_grad(), loss_parallel():
+            out = fn(x)
+        ctx.x, ctx.out = x, out
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, g: DTensor):  # noqa: ANN001, ANN205
+        with loss_parallel():
+            (gx,) = torch.autograd.grad(ctx.out, ctx.x, g)
+        return gx, None
+
+
+def user_cross_entropy(input: DTensor, target: torch.Tensor,  # noqa: A002
+                       weight: torch.Tensor | None = None, size_average: object = None,
+                       ignore_index: int = -100, reduce: object = None,
+                       reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+    """A user's ``F.cross_entropy`` on DTensor logits, on any mesh: where the class dim is
+    sharded it runs vocab-parallel (torch's ``loss_parallel``: no gathered logits); the
+    mean is the sum over the count of counted targets (``loss_parallel`` takes a mean on
+    one-dimensional meshes only)."""
+    if size_average is not None or reduce is not None:  # torch's deprecated spelling
+        reduction = "none" if reduce is False else "sum" if size_average is False else "mean"
+    class_dim = 1 if input.dim() > 1 else 0
+    sharded = any(isinstance(p, Shard) and p.dim == class_dim for p in input.placements)
+    inner = "sum" if reduction == "mean" else reduction
+
+    def loss(x: DTensor) -> DTensor:
+        return F.cross_entropy(x, target, weight=weight, ignore_index=ignore_index,
+                               reduction=inner, label_smoothing=label_smoothing)
+
+    total = _VocabParallel.apply(input, loss) if sharded else loss(input)
+    if reduction != "mean":
+        return total
+    counted = target != ignore_index
+    if weight is None:
+        return total / counted.sum()
+    return total / (weight[target.clamp(min=0)] * counted).sum()
 
 
 def loss_parallel_needed(plan: Plan) -> contextlib.AbstractContextManager:

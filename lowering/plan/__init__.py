@@ -5,7 +5,7 @@ and its action orders; analytic communication volumes. Never imports ``parallel`
 from lowering.plan.analytic import AxisVolume, Term, analytic_volume, unexplained
 from lowering.plan.meta import KnownValues
 from lowering.plan.lower import ParamPlan, PipelinePlan, Plan, lower
-from lowering.plan.options import Options, Schedule, check_options, given, option_fields
+from lowering.plan.options import Options, Precision, Schedule, check_options, given, option_fields
 from lowering.plan.pipeline import (BOUNDARY_AXES, Action, Kind, Pipe, Slot, actions, bubble_of,
                                     bubble_theory, check_pipe, describe_pipe, gantt_rows,
                                     hidden_key, layer_stack, microbatch_rows, timeline)
@@ -14,7 +14,7 @@ from lowering.plan.roles import Role, tp_role
 from lowering.plan.shapes import ShapeTrace, check_activations, sdpa_as_attention
 
 __all__ = [
-    "Plan", "ParamPlan", "PipelinePlan", "lower", "Options", "Schedule", "check_options",
+    "Plan", "ParamPlan", "PipelinePlan", "lower", "Options", "Precision", "Schedule", "check_options",
     "given", "option_fields", "Role", "tp_role", "ShapeTrace", "check_activations", "sdpa_as_attention",
     "Pipe", "Action", "Kind", "Slot", "actions", "timeline", "bubble_of", "bubble_theory",
     "gantt_rows", "check_pipe", "describe_pipe", "layer_stack", "hidden_key",

@@ -18,7 +18,22 @@ from dataclasses import dataclass, field
 import shardlang as sl
 from shardlang.errors import choice, closest, divisors
 
-__all__ = ["Options", "Schedule", "option_fields", "given", "check_options"]
+__all__ = ["Options", "Precision", "Schedule", "option_fields", "given", "check_options"]
+
+
+class Precision(enum.Enum):
+    """What compute runs in: ``fp32``, or ``bf16`` (fp32 master parameters and optimizer
+    state, bf16 compute and FSDP gathers, fp32 gradient reductions)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+    @classmethod
+    def parse(cls, name: str | Precision) -> Precision:
+        return choice(cls, name, what="precision", keyword="precision", flag="--precision")
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class Schedule(enum.Enum):
@@ -48,7 +63,7 @@ class Options:
     Example:
         >>> from lowering import Options
         >>> Options(fsdp=True, batch=16)
-        Options(fsdp=True, batch=16, seq=None, load_balance=False, schedule=None, microbatches=None, virtual=None)
+        Options(fsdp=True, batch=16, seq=None, load_balance=False, schedule=None, microbatches=None, virtual=None, precision=<Precision.FP32: 'fp32'>)
     """
 
     fsdp: bool = _opt(False, "--fsdp", "shard parameters over dp (FSDP)")  # type: ignore[assignment]
@@ -64,10 +79,16 @@ class Options:
                                     "pipeline microbatches per step (pp > 1; default: pp)")
     virtual: int | None = _opt(None, "--virtual-stages", "model chunks per pipeline rank, "  # type: ignore[assignment]
                                "interleaved schedule only (default 2 there, else 1)", metavar="V")
+    precision: Precision = _opt(Precision.FP32, "--precision",  # type: ignore[assignment]
+                                "fp32, or bf16: fp32 master weights and optimizer state, bf16 "
+                                "compute and FSDP gathers, fp32 gradient reductions",
+                                metavar="{fp32,bf16}")
 
     def __post_init__(self) -> None:
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
             object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
+        if not isinstance(self.precision, Precision):
+            object.__setattr__(self, "precision", Precision.parse(self.precision))
 
     @classmethod
     def of(cls, **keywords: object) -> Options:

@@ -90,7 +90,8 @@ class Layout:
         batch, seq = self.shapes(model)
         m = plan.pipe.microbatches if plan.pipe else 1
         return TrainConfig(batch=batch, seq=seq, seed=self.seed, microbatches=m,
-                           batch_ways=plan.batch_ways, **kw)  # type: ignore[arg-type]
+                           batch_ways=plan.batch_ways, precision=str(plan.options.precision),
+                           **kw)  # type: ignore[arg-type]
 
 
 @dataclass

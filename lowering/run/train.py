@@ -20,7 +20,8 @@ from torch.distributed.tensor import DTensor
 import shardlang as sl
 from lowering._torch import host_values, implicit_replication, rank_values
 from lowering.parallel import DTensorContext, distribute_model
-from lowering.parallel.data import sync_grads
+from lowering.parallel.data import install_grad_sync
+from lowering.parallel.fsdp import compute_dtype, install_at_use
 from lowering.parallel.pipeline import StageModel, sum_shared_grads
 from lowering.parallel.pipeline_step import (dummy_tokens, funcol_all_reduce,
                                              in_process_all_reduce, reduce_grads,
@@ -48,6 +49,7 @@ class TrainConfig:
     check_collectives: CheckMode = CheckMode.FIRST  # run mode: which steps are checked
     batch_ways: int = 1       # (how a pipeline splits the batch: see microbatch_rows)
     vocab: int | None = None  # the data's vocabulary, checked against the logits
+    precision: str = "fp32"   # the single-device reference casts as the layout does
 
 
 @dataclass
@@ -95,15 +97,20 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
     dry = sess is not None and sess.mode is Mode.DRY
     recorder = _guarded(Recorder(group_axes(sess)), sess, cfg) if sess else None
     ctx = None
+    live: list[Recorder | None] = [recorder]  # the running step's recorder, for the grad hooks
     if plan is not None and dmesh is not None:
         distribute_model(model, plan, dmesh)
+        install_grad_sync(model, dmesh, lambda: live[0])
         ctx = DTensorContext(plan, dmesh, recorder)
+    elif plan is None:
+        install_at_use(model, None, None, dtype=compute_dtype(cfg.precision))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=False)
     result = TrainResult()
     for step in range(cfg.steps):
         t0 = time.perf_counter()
         idx, tgt = _batch(data, step, cfg, ctx, dry=dry)
         rec = recorder if step == 0 else _checker(sess, cfg, ctx)
+        live[0] = rec
         with _recording(rec), _active(ctx, rec):
             if ctx is not None:
                 idx = ctx.constrain(idx, ("batch", "seq"))
@@ -112,8 +119,6 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
                 loss, reported = _accumulate(model, idx, tgt, cfg)
             else:
                 loss, reported = _forward_backward(model, idx, tgt, cfg, rec)
-            if plan is not None and dmesh is not None:
-                sync_grads(model, plan, dmesh, rec)
         if step == 0 and cfg.keep_grads and not dry:
             result.grads = {n: _values(p.grad, world) for n, p in model.named_parameters()
                             if p.grad is not None}

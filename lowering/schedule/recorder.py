@@ -88,6 +88,7 @@ class Recorder(TorchDispatchMode):
         self._site: list[str] = []
         self._phase: list[Phase] = []
         self.guard: CollectiveCheck | None = None  # run mode's collective check
+        self._paused = 0
 
     # -- context --------------------------------------------------------------
     @contextlib.contextmanager
@@ -124,6 +125,15 @@ class Recorder(TorchDispatchMode):
         finally:
             self._override.pop()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Collectives in the block are not part of the schedule (reading a loss value)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
     def add(self, record: Record) -> None:
         """Append a record made by the caller (pipeline sends and receives)."""
         self.records.append(record)
@@ -152,7 +162,7 @@ class Recorder(TorchDispatchMode):
             return NotImplemented  # let DTensor desugar into collectives first
         if is_functional_collective(func):
             name = op_name(func)
-            if name in self._RECORDED:
+            if name in self._RECORDED and not self._paused:
                 self._record(name, args)
         return func(*args, **kwargs)
 

@@ -1,0 +1,197 @@
+"""Parameters at use: FSDP's gather (without recompute) and mixed precision's cast.
+
+A module that owns parameters runs with what its parameters *become at use*:
+
+| | forward | backward |
+|---|---|---|
+| FSDP (``fsdp=True``) | all-gather over dp (``Shard`` -> ``Replicate``) when the module starts; the gathered memory is freed when its last owner's forward ends | before the module's backward (a hook on its outputs) the freed parameters are all-gathered again into the same memory; the gradient of the gather is a reduce-scatter over dp |
+| ``precision="bf16"`` | the fp32 (master) parameter is cast to bf16 (under FSDP: the shard, so the gather moves bf16) | the gradient is cast back to fp32 before any reduction |
+
+No forward runs twice: autograd keeps what the module's ops saved (views of the gathered
+memory), only the memory goes away between forward and backward, as FSDP2 does. A
+parameter is gathered once per forward however many modules own it (tied embeddings), so
+the dp wire is exactly all-gather + all-gather + reduce-scatter = 3(n-1)/n of the
+parameter bytes, root-level parameters included. All of it is DTensor redistributions, so
+it runs and is recorded in dry, simulate and run mode.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+
+from lowering._torch import free_storage, refill_storage, tree_leaves
+from lowering.parallel.data import reduce_grad
+from lowering.plan import Plan
+from lowering.schedule import Op, logical, site
+
+__all__ = ["install_at_use", "compute_dtype"]
+
+
+def compute_dtype(precision: str) -> torch.dtype | None:
+    """The dtype parameters are cast to at use (None: they run as stored)."""
+    return torch.bfloat16 if str(precision) == "bf16" else None
+
+
+def _gathered(pl: tuple[Placement, ...], axes: tuple[str, ...]) -> list[Placement]:
+    return [Replicate() if a == "dp" else p for a, p in zip(axes, pl)]
+
+
+def _gathered_shape(p: DTensor, axes: tuple[str, ...]) -> list[int]:
+    """The block an FSDP gather produces on this rank: ``p``'s block under every axis but
+    dp, with the dp-sharded dim padded up to a multiple of dp (as c10d moves it)."""
+    shape = list(p.shape)
+    for mesh_dim, (a, q) in enumerate(zip(axes, p.placements)):
+        if isinstance(q, Shard):
+            n = p.device_mesh.size(mesh_dim)
+            chunk = -(-shape[q.dim] // n)
+            shape[q.dim] = chunk * n if a == "dp" else chunk
+    return shape
+
+
+def _all_gather(p: DTensor, name: str, dtype: torch.dtype | None) -> DTensor:
+    axes = tuple(p.device_mesh.mesh_dim_names or ())
+    with torch.no_grad(), site(name), logical(Op.ALL_GATHER, _gathered_shape(p, axes)):
+        src = p if dtype is None or p.dtype == dtype else p.to(dtype)
+        return src.redistribute(p.device_mesh, _gathered(tuple(p.placements), axes))
+
+
+class _Gather(torch.autograd.Function):
+    """FSDP's gather of one parameter. Forward: (cast and) all-gather over dp. Backward:
+    the gradient back in the parameter's dtype, given the parameter's own placements on
+    every axis but dp (a local slice), then reduce-scattered over dp."""
+
+    @staticmethod
+    def forward(ctx, p: DTensor, name: str, dtype: torch.dtype | None) -> DTensor:  # noqa: ANN001
+        ctx.name, ctx.pl, ctx.dtype = name, tuple(p.placements), p.dtype
+        ctx.full = _gathered_shape(p, tuple(p.device_mesh.mesh_dim_names or ()))
+        return _all_gather(p, name, dtype)
+
+    @staticmethod
+    def backward(ctx, g: DTensor):  # noqa: ANN001, ANN205
+        g = g.to(ctx.dtype)
+        with site(ctx.name), logical(Op.REDUCE_SCATTER, ctx.full):
+            return reduce_grad(g, g.device_mesh, ctx.pl), None, None
+
+
+class _Gathers:
+    """One model's gathered parameters: those of the running forward (with how many owner
+    modules have yet to use them) and those freed, waiting for their backward."""
+
+    def __init__(self, owners: dict[int, int], dtype: torch.dtype | None) -> None:
+        self.owners, self.dtype = owners, dtype
+        self.live: dict[int, tuple[DTensor, int]] = {}   # id(param) -> (gathered, uses left)
+        self.freed: dict[int, list[DTensor]] = {}        # id(param) -> freed gathered tensors
+
+    def take(self, p: DTensor, name: str) -> DTensor:
+        if id(p) not in self.live:
+            self.live[id(p)] = (_Gather.apply(p, name, self.dtype), self.owners[id(p)])
+        return self.live[id(p)][0]
+
+    def release(self, p: DTensor, *, keep_for_backward: bool) -> None:
+        g, left = self.live[id(p)]
+        if left > 1:
+            self.live[id(p)] = (g, left - 1)
+            return
+        del self.live[id(p)]
+        if keep_for_backward:  # autograd saved views of it: free the memory, keep the tensor
+            free_storage(g)
+            self.freed.setdefault(id(p), []).append(g)
+
+    def regather(self, p: DTensor, name: str) -> None:
+        waiting = self.freed.pop(id(p), [])
+        if not waiting:
+            return  # another owner's backward gathered it already
+        fresh = _all_gather(p, name, self.dtype)
+        for g in waiting:
+            refill_storage(g, fresh)
+
+
+def _cast(p: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return p if dtype is None or not p.is_floating_point() or p.dtype == dtype else p.to(dtype)
+
+
+def install_at_use(model: nn.Module, plan: Plan | None, dmesh: DeviceMesh | None, *,
+                   dtype: torch.dtype | None = None) -> None:
+    """Make every module that owns an FSDP-sharded parameter gather it at use, and (with
+    ``dtype``) every module cast its floating-point parameters to ``dtype`` at use."""
+    fsdp = plan is not None and dmesh is not None and plan.options.fsdp
+    owned: dict[str, tuple[nn.Module, list[str], list[str]]] = {}
+    owners: dict[int, int] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        sharded, cast = [], []
+        for n, p in mod._parameters.items():
+            if p is None:
+                continue
+            full = f"{mod_name}.{n}" if mod_name else n
+            if fsdp and _is_fsdp(plan, full):  # type: ignore[arg-type]
+                sharded.append(n)
+                owners[id(p)] = owners.get(id(p), 0) + 1
+            elif dtype is not None and p.is_floating_point():
+                cast.append(n)
+        if sharded or cast:
+            owned[mod_name] = (mod, sharded, cast)
+    gathers = _Gathers(owners, dtype)
+    for mod_name, (mod, sharded, cast) in owned.items():
+        _wrap(mod, mod_name, sharded, cast, gathers, dtype)
+
+
+def _is_fsdp(plan: Plan, name: str) -> bool:
+    aliases = dict(plan.aliases)
+    try:
+        return plan.param(aliases.get(name, name)).fsdp_dim is not None
+    except KeyError:
+        return False
+
+
+def _wrap(mod: nn.Module, mod_name: str, sharded: list[str], cast: list[str],
+          gathers: _Gathers, dtype: torch.dtype | None) -> None:
+    orig: Callable[..., object] = mod.forward
+    if getattr(orig, "_shardlang_at_use", False):
+        return  # a module reachable under two names is wrapped once
+
+    def name(n: str) -> str:
+        return f"{mod_name}.{n}" if mod_name else n
+
+    @functools.wraps(orig)
+    def forward(*args: object, **kwargs: object) -> object:
+        grad = torch.is_grad_enabled()
+        params = {n: mod._parameters[n] for n in sharded}
+        for n, p in params.items():
+            mod.__dict__[n] = gathers.take(p, name(n))
+        for n in cast:
+            mod.__dict__[n] = _cast(mod._parameters[n], dtype)
+        try:
+            out = orig(*args, **kwargs)
+        finally:
+            for n in (*sharded, *cast):
+                mod.__dict__.pop(n, None)
+            for p in params.values():
+                gathers.release(p, keep_for_backward=grad)
+        if grad and params:
+            _before_backward(out, lambda: [gathers.regather(p, name(n))
+                                           for n, p in params.items()])
+        return out
+
+    forward._shardlang_at_use = True  # type: ignore[attr-defined]
+    mod.forward = forward  # type: ignore[method-assign]
+
+
+def _before_backward(out: object, run: Callable[[], object]) -> None:
+    """Call ``run`` once, when the first gradient reaches one of ``out``'s tensors (before
+    any op of the module that made them runs backward)."""
+    done = [False]
+
+    def hook(g: torch.Tensor) -> None:
+        if not done[0]:
+            done[0] = True
+            run()
+
+    for t in tree_leaves(out):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t.register_hook(hook)
