@@ -28,6 +28,7 @@ from lowering.plan import Options, Schedule, describe_pipe, option_fields
 from lowering.printer import print_explain
 from lowering.run import CheckMode, Layout, Parity, explain, resolve, run, simulate
 from lowering.run.launch import launch_torchrun, report_worker_error
+from lowering.run.scripts import TORCHRUN_FLAGS, is_script, run_script, simulate_script
 from lowering.run.session import device_and_backend, process_group_closed, under_torchrun
 from lowering.run.train import Step
 from lowering.schedule import RankSchedules, schedule_json
@@ -245,6 +246,41 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+def _script_parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"shardlang {command} SCRIPT.py",
+        description=("run your own training script (it calls lowering.parallelize(model)) "
+                     + ("in this process, every rank simulated" if command == "simulate"
+                        else "under torchrun, one process per rank")
+                     + "; arguments after -- go to the script"))
+    p.add_argument("script")
+    p.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. dp=2,tp=2")
+    if command == "run":
+        p.add_argument("--timeout", type=float, default=600,
+                       help="seconds before the launch is stopped (default 600)")
+        for flag in TORCHRUN_FLAGS:
+            p.add_argument(flag, default=None, help="passed to torchrun (multi-node)")
+    return p
+
+
+def _script(argv: list[str]) -> int:
+    """``shardlang run|simulate SCRIPT.py --mesh M [-- ARGS]``."""
+    command, rest = argv[0], argv[1:]
+    ours, theirs = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest \
+        else (rest, [])
+    args = _script_parser(command).parse_args(ours)
+    try:
+        mesh = sl.Mesh.parse(args.mesh)
+        if command == "simulate":
+            return simulate_script(args.script, mesh, theirs)
+        flags = [f"{f}={getattr(args, f[2:].replace('-', '_'))}" for f in TORCHRUN_FLAGS
+                 if getattr(args, f[2:].replace("-", "_")) is not None]
+        return run_script(args.script, mesh, theirs, timeout=args.timeout, torchrun_args=flags)
+    except sl.ShardingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
 def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     layout = _layout(args)
     console.print(f"simulating {layout.model.name} on {layout.mesh!r}: {layout.mesh.size} "
@@ -349,6 +385,8 @@ def _warnings_as_lines() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[0] in ("run", "simulate") and is_script(argv[1]):
+        return _script(argv)
     args = build_parser().parse_args(argv)
     quiet_dtensor_warnings()
     # a pipe or a log file gets wide tables instead of rich's 80-column default

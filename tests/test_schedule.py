@@ -53,19 +53,19 @@ def test_fsdp_volume_is_three_times_n_minus_one_over_n_psi(dp: int, batch: int) 
     ex = explain(replace(layout(fsdp=True, dp=dp), batch=batch))
     recs = ex.schedules.ranks[0]
     model = PRESETS["gpt-tiny"].factory()
-    # psi: every parameter use (lm_head shares wte: used twice), each padded up to a
-    # multiple of dp along its sharded dim (dim 0 here: nothing else shards gpt-tiny)
+    # psi: every parameter once (lm_head shares wte: gathered once for both), each padded
+    # up to a multiple of dp along its sharded dim (dim 0 here: nothing else shards gpt-tiny)
     psi = 0
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for name, p in model.named_parameters():
         rows = -(-p.shape[0] // dp) * dp
         psi += rows * math.prod(p.shape[1:]) * 4
     got = sum(r.wire_bytes for r in recs if r.axis == "dp")
     assert got == pytest.approx(3 * (dp - 1) / dp * psi, rel=0, abs=1e-6)
     ops = collections.Counter((r.phase, r.op) for r in recs if r.axis == "dp")
-    uses = len(list(model.named_parameters(remove_duplicate=False)))
+    uses = len(list(model.named_parameters()))
     assert ops == {(Phase.FORWARD, Op.ALL_GATHER): uses, (Phase.BACKWARD, Op.ALL_GATHER): uses,
                    (Phase.BACKWARD, Op.REDUCE_SCATTER): uses}
-    unpadded = sum(p.numel() * 4 for _, p in model.named_parameters(remove_duplicate=False))
+    unpadded = sum(p.numel() * 4 for _, p in model.named_parameters())
     dp_terms = ex.analytic["dp"]
     assert dp_terms.wire_bytes == pytest.approx(got)
     padding_shown = any("padding" in t.what for t in dp_terms.terms)

@@ -16,7 +16,7 @@ from lowering.parallel.fsdp import compute_dtype, install_at_use
 from lowering.parallel.tensor import install_tp_hooks
 from lowering.plan import Plan
 
-__all__ = ["distribute_model"]
+__all__ = ["distribute_model", "distribute_owned", "block_of"]
 
 
 def distribute_model(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> nn.Module:
@@ -30,11 +30,7 @@ def distribute_model(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> nn.Modu
         old = held[p_plan.name]
         data = _read_shard(p_plan.name, old, dmesh, p_plan.placements)
         if data is None:
-            data = distribute_tensor(old.detach(), dmesh, p_plan.placements, src_data_rank=None)
-            local = own_copy_per_rank(data.to_local())
-            if local is not data.to_local():
-                data = DTensor.from_local(local, dmesh, p_plan.placements, run_check=False,
-                                          shape=data.shape, stride=data.stride())
+            data = distribute_owned(old.detach(), dmesh, p_plan.placements)
         new[id(old)] = nn.Parameter(data, requires_grad=old.requires_grad)
     for mod in model.modules():
         for pname, p in list(mod._parameters.items()):
@@ -43,6 +39,19 @@ def distribute_model(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> nn.Modu
     install_at_use(model, plan, dmesh, dtype=compute_dtype(plan.options.precision))
     install_tp_hooks(model, plan)
     return model
+
+
+def distribute_owned(t: torch.Tensor, dmesh: DeviceMesh,
+                     placements: tuple[Placement, ...]) -> DTensor:
+    """``t`` (the same on every rank) as a DTensor whose every rank owns its block: in
+    simulate mode a replicated block is copied per rank, so in-place updates (the
+    optimizer) stay rank-local."""
+    data = distribute_tensor(t, dmesh, placements, src_data_rank=None)
+    local = own_copy_per_rank(data.to_local())
+    if local is not data.to_local():
+        data = DTensor.from_local(local, dmesh, placements, run_check=False,
+                                  shape=data.shape, stride=data.stride())
+    return data
 
 
 def block_of(shape: torch.Size, dmesh: DeviceMesh, placements: tuple[Placement, ...],

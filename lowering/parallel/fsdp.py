@@ -86,7 +86,7 @@ class _Gathers:
     def __init__(self, owners: dict[int, int], dtype: torch.dtype | None) -> None:
         self.owners, self.dtype = owners, dtype
         self.live: dict[int, tuple[DTensor, int]] = {}   # id(param) -> (gathered, uses left)
-        self.freed: dict[int, list[DTensor]] = {}        # id(param) -> freed gathered tensors
+        self.freed: dict[int, DTensor] = {}              # id(gathered) -> it, freed
 
     def take(self, p: DTensor, name: str) -> DTensor:
         if id(p) not in self.live:
@@ -99,17 +99,25 @@ class _Gathers:
             self.live[id(p)] = (g, left - 1)
             return
         del self.live[id(p)]
+        self._free(g, keep_for_backward)
+
+    def release_all(self, *, keep_for_backward: bool) -> None:
+        """The model's forward ended: a parameter whose other owners did not run (a
+        pipeline chunk runs part of the model) is freed now."""
+        for key, (g, _) in list(self.live.items()):
+            del self.live[key]
+            self._free(g, keep_for_backward)
+
+    def _free(self, g: DTensor, keep_for_backward: bool) -> None:
         if keep_for_backward:  # autograd saved views of it: free the memory, keep the tensor
             free_storage(g)
-            self.freed.setdefault(id(p), []).append(g)
+            self.freed[id(g)] = g
 
-    def regather(self, p: DTensor, name: str) -> None:
-        waiting = self.freed.pop(id(p), [])
-        if not waiting:
-            return  # another owner's backward gathered it already
-        fresh = _all_gather(p, name, self.dtype)
-        for g in waiting:
-            refill_storage(g, fresh)
+    def regather(self, p: DTensor, g: DTensor, name: str) -> None:
+        """Before the backward of the forward that used ``g``: gather ``p`` into it again
+        (once, whichever of its owners' backward comes first)."""
+        if self.freed.pop(id(g), None) is not None:
+            refill_storage(g, _all_gather(p, name, self.dtype))
 
 
 def _cast(p: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -139,6 +147,18 @@ def install_at_use(model: nn.Module, plan: Plan | None, dmesh: DeviceMesh | None
     gathers = _Gathers(owners, dtype)
     for mod_name, (mod, sharded, cast) in owned.items():
         _wrap(mod, mod_name, sharded, cast, gathers, dtype)
+    if owners:
+        inner: Callable[..., object] = model.forward
+
+        @functools.wraps(inner)
+        def forward(*args: object, **kwargs: object) -> object:
+            grad = torch.is_grad_enabled()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                gathers.release_all(keep_for_backward=grad)
+
+        model.forward = forward  # type: ignore[method-assign]
 
 
 def _is_fsdp(plan: Plan, name: str) -> bool:
@@ -162,8 +182,8 @@ def _wrap(mod: nn.Module, mod_name: str, sharded: list[str], cast: list[str],
     def forward(*args: object, **kwargs: object) -> object:
         grad = torch.is_grad_enabled()
         params = {n: mod._parameters[n] for n in sharded}
-        for n, p in params.items():
-            mod.__dict__[n] = gathers.take(p, name(n))
+        used = {n: gathers.take(p, name(n)) for n, p in params.items()}
+        mod.__dict__.update(used)
         for n in cast:
             mod.__dict__[n] = _cast(mod._parameters[n], dtype)
         try:
@@ -174,7 +194,7 @@ def _wrap(mod: nn.Module, mod_name: str, sharded: list[str], cast: list[str],
             for p in params.values():
                 gathers.release(p, keep_for_backward=grad)
         if grad and params:
-            _before_backward(out, lambda: [gathers.regather(p, name(n))
+            _before_backward(out, lambda: [gathers.regather(p, used[n], name(n))
                                            for n, p in params.items()])
         return out
 

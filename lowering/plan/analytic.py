@@ -6,8 +6,8 @@ Per rank, per training step, S = payload bytes, with the ring formulas of
 * gradient all-reduce over every axis that splits the tokens (dp, ep, sp; tp under
   Megatron-SP) for each parameter replicated over it: 2(n-1)/n * local bytes.
 * FSDP (dp): all-gather forward + all-gather backward + reduce-scatter = 3(n-1)/n * psi,
-  psi the bytes of every parameter use (a tied parameter counts once per module that
-  uses it), padded up to a multiple of n along its sharded dim.
+  psi the bytes of every parameter (a tied parameter counts once: it is gathered once per
+  forward however many modules use it), padded up to a multiple of n along its sharded dim.
 * tp (Megatron): per row-parallel linear one all-reduce of its output (b, s, out)
   forward and one of its block's input backward; with Megatron-SP (norm_seq on tp) the
   same volume as a reduce-scatter + all-gather pair each way. A vocab-parallel
@@ -113,11 +113,10 @@ def _uses(model: nn.Module) -> dict[str, int]:
 
 
 def _grad_sync(plan: Plan, model: nn.Module, axis: str, why: str) -> list[Term]:
-    """Under FSDP each module that gathers a parameter reduces its own gradient, so a
-    tied parameter is reduced once per use."""
-    n, uses = plan.mesh.axis_size(axis), _uses(model)
-    return [Term(f"grad {p.name} ({why})", Op.ALL_REDUCE,
-                 uses.get(p.name, 1) if p.fsdp_dim is not None else 1,
+    """One all-reduce per parameter (under FSDP in the gather's backward, once per
+    forward, tied parameters included)."""
+    n = plan.mesh.axis_size(axis)
+    return [Term(f"grad {p.name} ({why})", Op.ALL_REDUCE, 1,
                  _local_numel(p, plan, gathered=False) * p.dtype.itemsize, n)
             for p in plan.params
             if axis not in p.spec.mesh_axes and not (axis == "dp" and p.fsdp_dim is not None)]
@@ -129,8 +128,9 @@ def _fsdp(plan: Plan, model: nn.Module) -> list[Term]:
         if p.fsdp_dim is None:
             continue
         nbytes = _local_numel(p, plan, gathered=True) * p.dtype.itemsize
-        k = uses.get(p.name, 1)
-        tied = f" (tied: used by {k} modules)" if k > 1 else ""
+        k = 1  # a tied parameter is gathered once for all the modules that use it
+        tied = f" (tied: gathered once for its {uses[p.name]} modules)" \
+            if uses.get(p.name, 1) > 1 else ""
         pad = nbytes - p.nbytes // math.prod(
             plan.mesh.axis_size(a) for a in p.spec.mesh_axes if a != "dp")
         padded = f" (+{pad} B padding)" if pad else ""
@@ -362,7 +362,7 @@ def _fsdp_outside_stack(t: Term, plan: Plan, pl: PipelinePlan, *, first: bool, l
             or kind not in ("gather", "reduce-scatter", "grad")):
         return t
     pre, post = name in pl.pre, name in pl.post
-    fwd = pre * chunks + (last and post)
+    fwd = pre * chunks + (last and post and not pre)  # one gather serves both uses
     bwd = (first and pre) + (last and post)
     count = {"gather": fwd + bwd, "reduce-scatter": bwd, "grad": bwd}[kind] * m
     return dataclasses.replace(t, count=count)

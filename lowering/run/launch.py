@@ -43,16 +43,20 @@ def report_worker_error(message: str) -> bool:
 
 
 def launch_torchrun(nproc: int, argv: Sequence[str], *, timeout: float,
-                    torchrun_args: Sequence[str] = ()) -> int:
-    """Re-run this command under torchrun with ``nproc`` processes per node
-    (``--standalone``: a free port each time, unless ``torchrun_args`` give a multi-node
-    rendezvous); a launch that outlives ``timeout`` seconds is stopped."""
+                    torchrun_args: Sequence[str] = (), script: str | None = None,
+                    env: dict[str, str] | None = None) -> int:
+    """Re-run this command (or, with ``script``, that Python file with ``argv``) under
+    torchrun with ``nproc`` processes per node (``--standalone``: a free port each time,
+    unless ``torchrun_args`` give a multi-node rendezvous); a launch that outlives
+    ``timeout`` seconds is stopped."""
     with tempfile.TemporaryDirectory(prefix="shardlang-errors-") as errors:
+        target = [script] if script else ["-m", "lowering"]
+        multi = any(a.startswith(("--nnodes", "--rdzv", "--master")) for a in torchrun_args)
         cmd = [sys.executable, __file__,  # as a script: torch only, not all of lowering
-               *(torchrun_args or ["--standalone"]), f"--nproc-per-node={nproc}",
-               "-m", "lowering", *argv]
+               *([] if multi else ["--standalone"]), *torchrun_args,
+               f"--nproc-per-node={nproc}", *target, *argv]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               ERRORS_ENV: errors}
+               ERRORS_ENV: errors, **(env or {})}
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
         try:
             code = proc.wait(timeout=timeout)

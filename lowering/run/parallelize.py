@@ -45,9 +45,11 @@ from lowering.parallel.fsdp import compute_dtype, install_at_use
 from lowering.parallel.tensor import LocalOps
 from lowering.plan import Options, Plan, lower
 from lowering.run.guard import CollectiveGuard
+from lowering.run.launch import report_worker_error
 from lowering.run.values import clip_grad_norm, from_blocks, global_item
 from lowering.run.session import Mode, Session, group_axes, session, under_torchrun
-from lowering.schedule import Phase, Record, Recorder
+from lowering.run import checkpoint
+from lowering.schedule import Phase, Record, Recorder, totals
 
 __all__ = ["parallelize", "Parallel", "MESH_ENV", "launcher_mesh"]
 
@@ -225,13 +227,21 @@ class Parallel:
             return list(self.recorder.records)
         return list(self._last)
 
-    def explain(self, *, console: object = None) -> list[Record]:
-        """Print :meth:`schedule` as ``shardlang explain`` prints a rank's schedule."""
-        from lowering.printer import print_schedule
+    def explain(self) -> str:
+        """:meth:`schedule` as text, one collective per line, then the totals per mesh
+        axis (what ``shardlang explain`` shows for a preset), printed and returned."""
         recs = self.schedule()
-        print_schedule(recs, self.mesh, rank=self.rank, console=console,  # type: ignore[arg-type]
-                       title=f"{type(self.model).__name__} on {self.mesh!r}, rank {self.rank}")
-        return recs
+        lines = [f"{type(self.model).__name__} on {self.mesh!r}, rank {self.rank}: "
+                 f"{len(recs)} collectives in the last step"]
+        lines += [f"  {r.index:4d} {r.phase.value:9s} {r.op.value:14s} {r.axis:3s} "
+                  f"{str(list(r.shape)):18s} {r.dtype:9s} {r.bytes:>12,d} B  {r.site}"
+                  for r in recs]
+        for axis, per in totals(recs).get("axis", {}).items():
+            lines.append(f"  {axis}: {per['count']:.0f} collectives, {per['bytes']:,.0f} B "
+                         f"payload, {per['wire_bytes']:,.0f} B on the wire")
+        text = "\n".join(lines)
+        print(text)
+        return text
 
     # -- training helpers -------------------------------------------------------
     @contextlib.contextmanager
@@ -260,16 +270,14 @@ class Parallel:
              scheduler: object = None, asynchronous: bool = False) -> None:
         """Write a checkpoint (torch DCP: model, optimizer, step, RNG, ``extra``) to
         ``directory``; it counts as complete only once every rank has written its part."""
-        from lowering.run.checkpoint import save
-        save(self, directory, step=step, optimizer=optimizer, extra=extra, scheduler=scheduler,
+        checkpoint.save(self, directory, step=step, optimizer=optimizer, extra=extra, scheduler=scheduler,
              asynchronous=asynchronous)
 
     def load(self, directory: str | os.PathLike, *,
              optimizer: torch.optim.Optimizer | None = None, scheduler: object = None) -> int:
         """Load the checkpoint in ``directory`` (or the newest complete one under it), on
         this layout whatever layout saved it; returns the step it was saved at."""
-        from lowering.run.checkpoint import load
-        return load(self, directory, optimizer=optimizer, scheduler=scheduler)
+        return checkpoint.load(self, directory, optimizer=optimizer, scheduler=scheduler)
 
     # -- the end --------------------------------------------------------------------
     def close(self, exc: tuple[type[BaseException] | None, BaseException | None,
@@ -296,9 +304,13 @@ _FAILED: list[bool] = []
 _hook = sys.excepthook
 
 
-def _note_failure(*info: object) -> None:
+def _note_failure(kind: type, value: BaseException, tb: TracebackType | None) -> None:
     _FAILED.append(True)  # an uncaught error: tear down without waiting for the peers
-    _hook(*info)  # type: ignore[arg-type]
+    if isinstance(value, sl.ShardingError):
+        if not report_worker_error(str(value)):  # a torchrun worker hands it to the launcher
+            print(f"error: {value}", file=sys.stderr)
+        return
+    _hook(kind, value, tb)
 
 
 sys.excepthook = _note_failure
