@@ -49,6 +49,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 import shardlang as sl
 from lowering._torch import host_values, loss_parallel, loss_parallel_active
 from lowering.plan import Plan, Role, contiguous_stride, sdpa_as_attention
+from lowering.schedule import site
 from shardlang.errors import divisors
 
 __all__ = ["LocalOps", "relayout", "install_tp_hooks", "loss_scope", "loss_parallel_needed",
@@ -316,9 +317,11 @@ def user_cross_entropy(input: DTensor, target: torch.Tensor,  # noqa: A002
     if reduction != "mean":
         return total
     counted = target != ignore_index
-    if weight is None:
-        return total / counted.sum()
-    return total / (weight[target.clamp(min=0)] * counted).sum()
+    count = counted.sum() if weight is None else (weight[target.clamp(min=0)] * counted).sum()
+    if isinstance(count, DTensor):  # one scalar all-reduce, kept for backward replicated
+        with site("loss"):
+            count = count.redistribute(count.device_mesh, [Replicate()] * count.device_mesh.ndim)
+    return total / count.to(total.dtype)
 
 
 def loss_parallel_needed(plan: Plan) -> contextlib.AbstractContextManager:
