@@ -1,0 +1,92 @@
+"""A user's own script under ``shardlang run`` (torchrun, one process per rank) and
+``shardlang simulate``: the same losses as one device; a killed rank ends the job in
+bounded time and ``--resume`` continues the curve; two torchrun agents on localhost
+(``--nnodes 2``) make one job."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.user_loop import train
+
+pytestmark = pytest.mark.timeout(300)
+SCRIPT = str(Path(__file__).with_name("user_loop.py"))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shardlang(*args: str, timeout: float = 200) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "lowering", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def read(path: Path) -> list[float]:
+    return json.loads(path.read_text())["losses"]
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[float]:
+    got, par = train("", steps=6)
+    par.close()
+    return got
+
+
+def test_the_same_script_under_torchrun_and_in_one_process(tmp_path: Path,
+                                                           reference: list[float]) -> None:
+    out = tmp_path / "run.json"
+    res = shardlang("run", SCRIPT, "--mesh", "dp=2,tp=2", "--", str(out), "--steps", "6")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(out.read_text())["mode"] == "run"
+    assert read(out) == pytest.approx(reference, rel=1e-5, abs=1e-5)
+    sim = tmp_path / "sim.json"
+    res = shardlang("simulate", SCRIPT, "--mesh", "dp=2,tp=2", "--", str(sim), "--steps", "6",
+                    "--fsdp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(sim.read_text())["mode"] == "simulate"
+    assert read(sim) == pytest.approx(reference, rel=1e-5, abs=1e-5)
+
+
+def test_a_killed_rank_ends_the_job_and_resume_continues_the_curve(
+        tmp_path: Path, reference: list[float]) -> None:
+    ck, out = tmp_path / "ck", tmp_path / "out.json"
+    t0 = time.monotonic()
+    res = shardlang("run", SCRIPT, "--mesh", "dp=2", "--timeout", "120", "--", str(out),
+                    "--steps", "6", "--checkpoint", str(ck), "--save-every", "1", "--kill-at", "3")
+    took = time.monotonic() - t0
+    assert res.returncode != 0 and took < 100, (took, res.stderr[-2000:])
+    assert "rank 1 exited with code -9 (signal SIGKILL)" in res.stderr
+    done = sorted(p.name for p in ck.iterdir() if (p / "shardlang.pt").exists())
+    assert done == ["step-00001", "step-00002", "step-00003", "step-00004"]
+    res = shardlang("run", SCRIPT, "--mesh", "dp=2", "--", str(out), "--steps", "6",
+                    "--checkpoint", str(ck), "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert read(out) == pytest.approx(reference[4:], rel=1e-5, abs=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_make_one_job(tmp_path: Path, reference: list[float]) -> None:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    outs = [tmp_path / f"node{k}.json" for k in range(2)]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "lowering", "run", SCRIPT, "--mesh", "dp=2", "--nnodes", "2",
+         "--node-rank", str(k), "--rdzv-endpoint", f"127.0.0.1:{port}", "--",
+         str(outs[k]), "--steps", "3"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for k in range(2)]
+    results = [p.communicate(timeout=200) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+    # global rank 0 lives on node 0 and writes the losses
+    assert read(outs[0]) == pytest.approx(reference[:3], rel=1e-5, abs=1e-5)
