@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -78,11 +80,12 @@ def save(par: Parallel, directory: str | os.PathLike, *, step: int,
     if run:
         dist.barrier()
     state = _tensors(par, optimizer)
-    if asynchronous:
-        future = dcp.async_save(state, checkpoint_id=str(tmp), no_dist=not run)
-        future.result()  # DCP staged the tensors; what is left is the rename below
-    else:
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not run)
+    with _quiet(not run):
+        if asynchronous:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), no_dist=not run)
+            future.result()  # DCP staged the tensors; what is left is the rename below
+        else:
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not run)
     if run:
         dist.barrier()  # every rank's blocks are on disk
     # simulate mode keeps one generator per simulated rank inside LocalTensorMode (not
@@ -101,6 +104,16 @@ def save(par: Parallel, directory: str | os.PathLike, *, step: int,
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _quiet(no_dist: bool) -> Iterator[None]:
+    """One process writing whole tensors is what we ask DCP for: not worth its warning
+    that no process group is in use."""
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Path:
     """``directory`` itself when it is a complete checkpoint, else the complete one under
     it with the highest step; a ShardingError when there is none."""
@@ -111,8 +124,8 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path:
         partial = d.with_name(d.name + ".partial")
         why = (f" (only {partial} exists: its save was interrupted)" if partial.exists() else "")
         raise sl.ShardingError(
-            f"no checkpoint at {d}{why}; give the directory par.save() wrote (or the folder "
-            "--checkpoint named), or start without --resume / par.load()")
+            f"no checkpoint at {d}{why}; give the directory par.save() wrote (or a folder "
+            "of them), or start afresh without par.load()")
     found = sorted((c for c in d.iterdir() if (c / META).exists()),
                    key=lambda c: torch.load(c / META, weights_only=True)["step"])
     if not found:
@@ -150,7 +163,7 @@ def load(par: Parallel, directory: str | os.PathLike, *,
                         torch.empty(p.shape, dtype=stored[k].properties.dtype)
                 else:
                     targets[k] = torch.zeros(shape, dtype=stored[k].properties.dtype)
-    with host_values():
+    with host_values(), _quiet(not run):
         dcp.load(targets, checkpoint_id=str(path), no_dist=not run)
     with torch.no_grad():
         for n, p in params.items():

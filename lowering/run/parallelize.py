@@ -105,7 +105,7 @@ def _mesh_of(mesh: sl.Mesh | str | None) -> sl.Mesh:
     if isinstance(mesh, sl.Mesh):
         return mesh
     if isinstance(mesh, str):
-        return sl.Mesh.parse(mesh)
+        return sl.Mesh.parse(mesh) if mesh.strip() else sl.Mesh()  # "": one device
     given = launcher_mesh()
     if given is not None:
         return given
