@@ -30,7 +30,7 @@ from lowering.run import CheckMode, Layout, Parity, explain, resolve, run, simul
 from lowering.run.launch import launch_torchrun, report_worker_error
 from lowering.run.scripts import TORCHRUN_FLAGS, is_script, run_script, simulate_script
 from lowering.run.session import device_and_backend, process_group_closed, under_torchrun
-from lowering.run.train import Step
+from lowering.run.train import Checkpointing, Step
 from lowering.schedule import RankSchedules, schedule_json
 from models import PRESETS
 from models.datasets import Batches, ByteText
@@ -76,6 +76,14 @@ def _training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true",
                    help="compare every rank's loss and gradients with the single-device "
                         "model; exit 1 on a mismatch")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="folder of checkpoints (torch DCP): --save-every N writes "
+                        "DIR/step-NNNNN, --resume continues from the newest complete one")
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="with --checkpoint: save after every N steps")
+    p.add_argument("--resume", action="store_true",
+                   help="with --checkpoint: continue from its newest complete checkpoint "
+                        "(on this mesh, whatever mesh saved it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,6 +289,16 @@ def _script(argv: list[str]) -> int:
         return EXIT_BAD_INPUT
 
 
+def _checkpointing(args: argparse.Namespace) -> Checkpointing | None:
+    if args.checkpoint is None:
+        if args.save_every or args.resume:
+            raise sl.ShardingError(
+                f"{'--resume' if args.resume else f'--save-every {args.save_every}'} needs "
+                "--checkpoint DIR (the folder the checkpoints go to)")
+        return None
+    return Checkpointing(args.checkpoint, save_every=args.save_every, resume=args.resume)
+
+
 def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     layout = _layout(args)
     console.print(f"simulating {layout.model.name} on {layout.mesh!r}: {layout.mesh.size} "
@@ -297,7 +315,7 @@ def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     printer = _StepPrinter(args.steps, console, "simulate")
     with printer.progress:
         _, parity = simulate(layout, steps=args.steps, check=args.check, data=_data(args),
-                             lr=args.lr, on_step=printer)
+                             lr=args.lr, on_step=printer, checkpoint=_checkpointing(args))
     printer.summary()
     return _report(parity, console)
 
@@ -325,6 +343,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) ->
     with printer.progress if rank0 else contextlib.nullcontext():
         result, parity = run(layout, steps=args.steps, check=args.check, data=_data(args),
                              lr=args.lr, on_step=printer if rank0 else None,
+                             checkpoint=_checkpointing(args),
                              check_collectives=check)
     if rank0:
         printer.summary()

@@ -90,3 +90,31 @@ def test_two_nodes_on_localhost_make_one_job(tmp_path: Path, reference: list[flo
     assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
     # global rank 0 lives on node 0 and writes the losses
     assert read(outs[0]) == pytest.approx(reference[:3], rel=1e-5, abs=1e-5)
+
+
+def test_torchrun_max_restarts_resumes_by_itself(tmp_path: Path, reference: list[float]) -> None:
+    ck, out = tmp_path / "ck", tmp_path / "out.json"
+    res = shardlang("run", SCRIPT, "--mesh", "dp=2", "--max-restarts", "1", "--", str(out),
+                    "--steps", "6", "--checkpoint", str(ck), "--save-every", "1",
+                    "--kill-at", "3", "--auto-resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    # the restarted job loaded step 4 (saved just before the kill) and ran steps 4 and 5
+    assert read(out) == pytest.approx(reference[4:], rel=1e-5, abs=1e-5)
+
+
+def test_the_built_in_loop_saves_and_resumes_on_another_mesh(tmp_path: Path) -> None:
+    from lowering.run import Layout, simulate
+    full, _ = simulate(Layout.of("gpt-tiny", "dp=2"), steps=4)
+    ck = tmp_path / "ck"
+    res = shardlang("simulate", "gpt-tiny", "--mesh", "dp=2,tp=2", "--steps", "2",
+                    "--checkpoint", str(ck), "--save-every", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (ck / "step-00002" / "shardlang.pt").exists()
+    sched = tmp_path / "s.json"
+    res = shardlang("run", "gpt-tiny", "--mesh", "dp=2", "--steps", "4", "--checkpoint",
+                    str(ck), "--resume", "--schedule-json", str(sched))
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(sched.read_text())["losses"]
+    assert got == pytest.approx([step[0] for step in full.losses[2:]], rel=1e-5, abs=1e-5)
+    res = shardlang("simulate", "gpt-tiny", "--mesh", "dp=2", "--resume")
+    assert res.returncode == 2 and "--resume needs --checkpoint DIR" in res.stderr

@@ -103,9 +103,15 @@ if __name__ == "__main__":
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--kill-at", type=int, default=-1)
+    p.add_argument("--auto-resume", action="store_true",
+                   help="resume when the checkpoint folder holds a checkpoint (a restart)")
     a = p.parse_args()
+    found = a.checkpoint and os.path.isdir(a.checkpoint) and any(
+        os.path.exists(os.path.join(a.checkpoint, d, "shardlang.pt"))
+        for d in os.listdir(a.checkpoint))
     losses, par = train(None, steps=a.steps, fsdp=a.fsdp, checkpoint=a.checkpoint,
-                        save_every=a.save_every, resume=a.resume, kill_at=a.kill_at)
+                        save_every=a.save_every, resume=a.resume or bool(a.auto_resume and found),
+                        kill_at=a.kill_at)
     if par.rank == 0:
         with open(a.out, "w") as f:
             json.dump({"losses": losses, "mode": par.mode, "mesh": str(par.mesh)}, f)

@@ -21,8 +21,8 @@ from lowering.run.guard import CheckMode
 from lowering.run.parity import Parity, check_parity
 from lowering.run.registry import ModelRef, resolve
 from lowering.run.session import Mode, Session, session
-from lowering.run.train import (StepCallback, TrainConfig, TrainResult, reference, train,
-                                train_pipeline)
+from lowering.run.train import (Checkpointing, StepCallback, TrainConfig, TrainResult,
+                                reference, train, train_pipeline)
 from lowering.schedule import RankSchedules, Record
 from models.datasets import ArithmeticSequences, Batches
 
@@ -169,21 +169,23 @@ def gather_records(records: list[Record], world: int) -> dict[int, list[Record]]
 
 
 def simulate(layout: Layout, *, steps: int = 1, check: bool = False, data: Batches | None = None,
-             lr: float = 3e-3, on_step: StepCallback | None = None
-             ) -> tuple[TrainResult, Parity | None]:
+             lr: float = 3e-3, on_step: StepCallback | None = None,
+             checkpoint: Checkpointing | None = None) -> tuple[TrainResult, Parity | None]:
     """Simulate mode: every rank in this process; with ``check``, compare with one device."""
     return train_layout(layout, Mode.SIMULATE, steps=steps, check=check, data=data, lr=lr,
-                        on_step=on_step)
+                        on_step=on_step, checkpoint=checkpoint)
 
 
 def run(layout: Layout, *, steps: int = 1, check: bool = False, data: Batches | None = None,
         lr: float = 3e-3, on_step: StepCallback | None = None,
-        check_collectives: CheckMode | str = CheckMode.FIRST) -> tuple[TrainResult, Parity | None]:
+        check_collectives: CheckMode | str = CheckMode.FIRST,
+        checkpoint: Checkpointing | None = None) -> tuple[TrainResult, Parity | None]:
     """Run mode, inside a torchrun worker: this process is one rank. Collectives are
     checked across their group before they are issued (``check_collectives``: the
     ``"first"`` step, ``"all"`` steps or ``"off"``), so a divergence fails fast."""
     return train_layout(layout, Mode.RUN, steps=steps, check=check, data=data, lr=lr,
-                        on_step=on_step, check_collectives=CheckMode.parse(check_collectives))
+                        on_step=on_step, check_collectives=CheckMode.parse(check_collectives),
+                        checkpoint=checkpoint)
 
 
 def _check_training(steps: int, lr: float) -> None:
@@ -199,6 +201,7 @@ def train_layout(layout: Layout, mode: Mode, *, steps: int, check: bool = False,
                  data: Batches | None = None, lr: float = 3e-3,
                  on_step: StepCallback | None = None, watch: Watch | None = None,
                  check_collectives: CheckMode = CheckMode.FIRST,
+                 checkpoint: Checkpointing | None = None,
                  ) -> tuple[TrainResult, Parity | None]:
     """Train ``layout`` for ``steps`` in simulate or run mode (``watch`` sees every stage
     model and the session before the first step: :func:`lowering.debug.inspect` hooks it)."""
@@ -212,7 +215,12 @@ def train_layout(layout: Layout, mode: Mode, *, steps: int, check: bool = False,
     plan = layout.plan(model)
     data = data or ArithmeticSequences(layout.model.vocab_size(model))
     cfg = layout.config(plan, model, steps=steps, lr=lr, keep_grads=check,
-                        check_collectives=check_collectives, vocab=data.vocab_size)
+                        check_collectives=check_collectives, vocab=data.vocab_size,
+                        checkpoint=checkpoint)
+    if checkpoint is not None and plan.pipe is not None:
+        raise sl.ShardingError(
+            f"--checkpoint with a pipeline ({layout.mesh!r}): the built-in loop saves "
+            "non-pipelined layouts only; drop pp, or drop --checkpoint")
     with session(layout.mesh, mode) as sess:
         mine = [sess.rank // sess.stage_world] if mode is Mode.RUN else range(layout.mesh.pp)
         models = {r: model if r == mine[0] else layout.model.build(seed=layout.seed, shards=True)

@@ -103,6 +103,20 @@ def process_group_closed() -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def _init_process_group(backend: str, rank: int, world: int) -> None:
+    """The default process group. After a torchrun restart (``--max-restarts``) the job's
+    store still holds the dead round's addresses, which gloo would try to connect to: a
+    restarted round keys its group under its own prefix."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart == 0:
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"shardlang-restart-{restart}", store),
+                            rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+
+
 @contextlib.contextmanager
 def session(mesh: sl.Mesh, mode: Mode, *, rank: int = 0) -> Iterator[Session]:
     """Set up (and tear down) the process group a mode needs."""
@@ -136,7 +150,7 @@ def session(mesh: sl.Mesh, mode: Mode, *, rank: int = 0) -> Iterator[Session]:
         rank = int(os.environ.get("RANK", "0"))
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        _init_process_group(backend, rank, world)
         with process_group_closed():
             yield Session(mode, mesh, rank, device, *_device_mesh(mesh, device))
         return

@@ -8,6 +8,7 @@ rank per process); only the session differs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,12 +29,13 @@ from lowering.parallel.pipeline_step import (dummy_tokens, funcol_all_reduce,
                                              step_in_process, step_torch)
 from lowering.parallel.tensor import LocalOps, logits_of, loss_scope, next_token_loss
 from lowering.plan import Plan, Slot, bubble_of, microbatch_rows
+from lowering.run import checkpoint
 from lowering.run.guard import CheckMode, CollectiveGuard
 from lowering.run.session import Mode, Session, group_axes
 from lowering.schedule import Phase, Record, Recorder
 from models.datasets import Batches
 
-__all__ = ["TrainConfig", "TrainResult", "StepCallback", "Step", "train", "train_pipeline",
+__all__ = ["TrainConfig", "Checkpointing", "TrainResult", "StepCallback", "Step", "train", "train_pipeline",
            "reference"]
 
 
@@ -50,6 +52,29 @@ class TrainConfig:
     batch_ways: int = 1       # (how a pipeline splits the batch: see microbatch_rows)
     vocab: int | None = None  # the data's vocabulary, checked against the logits
     precision: str = "fp32"   # the single-device reference casts as the layout does
+    checkpoint: Checkpointing | None = None  # --checkpoint DIR --save-every N --resume
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where the built-in loop saves (``DIR/step-NNNNN`` every ``save_every`` steps) and
+    whether it resumes from the newest complete checkpoint there."""
+
+    directory: str
+    save_every: int = 0
+    resume: bool = False
+
+
+@dataclass
+class _Holder:
+    """What :mod:`.checkpoint` needs of the loop (a :class:`lowering.Parallel` has it too)."""
+
+    model: nn.Module
+    mesh: sl.Mesh
+    mode: str
+    rank: int
+    recorder: Recorder | None = None
+    checkpoint_extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -106,7 +131,11 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
         install_at_use(model, None, None, dtype=compute_dtype(cfg.precision))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=False)
     result = TrainResult()
-    for step in range(cfg.steps):
+    ck = cfg.checkpoint if not dry else None
+    holder = _Holder(model, sess.mesh if sess else sl.Mesh(), _mode_name(sess),
+                     sess.rank if sess else 0)
+    first = checkpoint.load(holder, ck.directory, optimizer=opt) if ck and ck.resume else 0
+    for step in range(first, cfg.steps):
         t0 = time.perf_counter()
         idx, tgt = _batch(data, step, cfg, ctx, dry=dry)
         rec = recorder if step == 0 else _checker(sess, cfg, ctx)
@@ -129,9 +158,16 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
             losses = [float(v) for v in _values(loss, world)]
             metrics = {k: _values(v, world)[0].tolist() for k, v in reported.metrics.items()}
             _finish(result, step, losses, metrics, t0, cfg, on_step)
+        if ck and ck.save_every and (step + 1) % ck.save_every == 0:
+            checkpoint.save(holder, f"{ck.directory}/step-{step + 1:05d}", step=step + 1,
+                            optimizer=opt)
     if recorder is not None:
         result.records = recorder.records
     return result
+
+
+def _mode_name(sess: Session | None) -> str:
+    return "single" if sess is None else sess.mode.value
 
 
 def _batch(data: Batches, step: int, cfg: TrainConfig, ctx: DTensorContext | None, *,
@@ -194,6 +230,7 @@ def _checker(sess: Session | None, cfg: TrainConfig, ctx: DTensorContext | None
 def reference(factory: Callable[[], nn.Module], data: Batches, cfg: TrainConfig) -> TrainResult:
     """The single-device run every layout must match (with ``cfg.microbatches`` > 1, the
     pipeline's microbatches one after another, gradients accumulated)."""
+    cfg = dataclasses.replace(cfg, checkpoint=None)  # the reference neither saves nor loads
     return train(build_model(factory, cfg.seed), None, None, data, cfg)
 
 
