@@ -222,3 +222,11 @@ def test_parallelize_twice_and_a_misspelt_precision_are_refused() -> None:
 def test_a_pipeline_mesh_is_refused_with_the_way_that_works() -> None:
     with pytest.raises(sl.ShardingError, match="pp > 1.*shardlang run MODEL"):
         lowering.parallelize(TinyLM(), "pp=2,dp=2")
+
+
+def test_an_asynchronous_save_resumes_like_a_synchronous_one(tmp_path: Path) -> None:
+    full = losses("dp=2", steps=5)
+    first = losses("dp=2", steps=3, checkpoint=str(tmp_path), save_every=3, asynchronous=True)
+    assert not list(tmp_path.glob("*.partial"))  # renamed into place once complete
+    rest = losses("dp=2", steps=5, checkpoint=str(tmp_path), resume=True)
+    assert first + rest == full

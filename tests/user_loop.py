@@ -55,6 +55,7 @@ def batch(step: int, rows: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 def train(mesh: str | None = "", *, steps: int = 5, fsdp: bool = False, precision: str = "fp32",
           accumulate: int = 1, tied: bool = True, checkpoint: str | None = None,
           save_every: int = 0, resume: bool = False, kill_at: int = -1,
+          asynchronous: bool = False,
           model: nn.Module | None = None) -> tuple[list[float], lowering.Parallel]:
     torch.manual_seed(0)
     par = lowering.parallelize(model or TinyLM(tied), mesh or None, fsdp=fsdp,
@@ -80,7 +81,7 @@ def train(mesh: str | None = "", *, steps: int = 5, fsdp: bool = False, precisio
         losses.append(total)
         if checkpoint and save_every and (step + 1) % save_every == 0:
             par.save(f"{checkpoint}/step-{step + 1:05d}", step=step + 1, optimizer=opt,
-                     scheduler=sched)
+                     scheduler=sched, asynchronous=asynchronous)
         if step == kill_at and par.rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # a rank dies mid-run
     return losses, par
