@@ -66,7 +66,8 @@ def test_02_data_and_tensor_parallel() -> None:
                 "= b*s*h*4") in out
     # (c) FSDP
     assert "1 all-gather forward, 1 all-gather backward, 1 reduce-scatter: yes" in out
-    assert "3(n-1)/n * psi = 3*1/2 * 930,304 = 1,395,456 B; recorded 1,395,456 B" in out
+    # psi: 216,192 parameters * 4 B (the tied head once)
+    assert "3(n-1)/n * psi = 3*1/2 * 864,768 = 1,297,152 B; recorded 1,297,152 B" in out
     # recorded vs analytic wire bytes: dp (a), tp (b), dp (c), dp and tp (d)
     assert out.count("-> exact") == 5 and "MISMATCH" not in out
     # (d) DP x TP: every rank has the same loss each step, and matches one device

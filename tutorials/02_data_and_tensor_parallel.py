@@ -126,21 +126,22 @@ def main() -> None:
     for p in ex.plan.params[:3]:
         print(f"  {p.name:20} {str(p.shape):10} placements {p.placements}, "
               f"fsdp dim {p.fsdp_dim}")
-    modules = dict(model.named_modules(remove_duplicate=False))
-    uses = {site: len(list(modules[site].parameters(recurse=False)))
-            for site in dict.fromkeys(r.site for r in recs)}
-    ok = all(
-        count([r for r in recs if r.site == site], op=op, axis="dp", phase=phase) == n
-        for site, n in uses.items()
-        for op, phase in (("all_gather", "forward"), ("all_gather", "backward"),
-                          ("reduce_scatter", "backward"))
-    )
-    print(f"per parameter use, in each of {len(uses)} modules: 1 all-gather forward, "
+    # each parameter is gathered once per forward, by the first module that uses it, and
+    # once more before the backward of the first module whose backward runs (the tied
+    # lm_head.weight is wte.weight: gathered by wte, re-gathered by lm_head)
+    first: dict[int, str] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            first.setdefault(id(p), name)
+    ok = all(count(recs, op=op, axis="dp", phase=phase) == len(first)
+             for op, phase in (("all_gather", "forward"), ("all_gather", "backward"),
+                               ("reduce_scatter", "backward")))
+    print(f"per parameter, all {len(first)} of them: 1 all-gather forward, "
           f"1 all-gather backward, 1 reduce-scatter: {'yes' if ok else 'NO'}")
-    per_use = list(model.named_parameters(remove_duplicate=False))
-    psi = sum(p.numel() * p.element_size() for _, p in per_use)
-    print(f"  {len(per_use)} parameter uses ({len(per_use) - len(ex.plan.params)} extra: "
-          f"lm_head.weight is tied to wte.weight), psi = {psi:,} B")
+    unique = list(model.named_parameters())
+    psi = sum(p.numel() * p.element_size() for _, p in unique)
+    print(f"  {len(unique)} parameters (lm_head.weight is wte.weight: counted once), "
+          f"psi = {psi:,} B")
     n = ex.plan.mesh.dp
     wire = totals(recs)["axis"]["dp"]["wire_bytes"]
     print(f"  3(n-1)/n * psi = 3*{n - 1}/{n} * {psi:,} = {3 * (n - 1) / n * psi:,.0f} B; "

@@ -176,7 +176,8 @@ def _wrap(mod: nn.Module, mod_name: str, sharded: list[str], cast: list[str],
         return  # a module reachable under two names is wrapped once
 
     def name(n: str) -> str:
-        return f"{mod_name}.{n}" if mod_name else n
+        """The site its collectives are recorded at: the module (a root parameter: itself)."""
+        return mod_name or n
 
     @functools.wraps(orig)
     def forward(*args: object, **kwargs: object) -> object:

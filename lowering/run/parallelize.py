@@ -156,7 +156,10 @@ class Parallel:
         if mode is Mode.RUN:
             rec.guard = CollectiveGuard(sess.rank)  # the first step is checked across groups
         self.recorder = rec
-        assert sess.dmesh is not None  # pp == 1 and size > 1: some axis is sharded
+        if sess.dmesh is None:  # torchrun with one process: one device, in a process group
+            self.ctx = self._sync = None
+            install_at_use(self.model, None, None, dtype=dtype)
+            return
         distribute_model(self.model, plan, sess.dmesh)
         self._sync = install_grad_sync(self.model, sess.dmesh, lambda: self.recorder)
         self.ctx = DTensorContext(plan, sess.dmesh, rec)
@@ -176,7 +179,6 @@ class Parallel:
         rec = self.recorder
         if rec is not None:
             self._in_step.__exit__(None, None, None)
-        if rec is not None:
             self._last, rec.records = rec.records, []
             rec.guard = None
         self._steps += 1
