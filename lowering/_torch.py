@@ -38,7 +38,8 @@ __all__ = [
     "TorchDispatchMode", "ModTracker", "implicit_replication", "loss_parallel",
     "in_backward", "is_higher_order", "op_name", "is_functional_collective",
     "tree_flatten", "tree_unflatten", "tree_leaves", "tree_map",
-    "all_to_all_single", "all_reduce_sum", "wait",
+    "all_to_all_single", "all_reduce_sum", "all_reduce_async", "at_backward_end", "wait",
+    "is_wrapper_subclass", "local_block", "dtensor_like",
     "rank_values", "local_tensor_mode", "own_copy_per_rank", "host_values", "per_rank",
     "rank_index", "forget_dtensor_caches", "init_fake", "interleaved_order", "default_store",
     "group_ranks", "module_tracker", "tracker_snapshot", "register_cpu_sdpa",
@@ -84,6 +85,39 @@ def all_to_all_single(x: torch.Tensor, out_splits: Sequence[int] | None,
 def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """A functional all-reduce (sum) over ``group``, waited on."""
     return wait(_funcol.all_reduce(x, "sum", group))
+
+
+def all_reduce_async(x: torch.Tensor, op: str, group: Any) -> torch.Tensor:
+    """A functional all-reduce, issued and not waited on (``wait`` before using it)."""
+    return _funcol.all_reduce(x, op, group)
+
+
+def at_backward_end(callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the running backward pass has finished its last node
+    (called from inside backward, e.g. from a gradient hook; what DDP and FSDP use)."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def local_block(t: Any) -> torch.Tensor:
+    """A DTensor's local block, without ``to_local``'s autograd node (for gradients)."""
+    return t._local_tensor
+
+
+def dtensor_like(local: torch.Tensor, like: Any) -> Any:
+    """A DTensor with ``like``'s mesh, placements, shape and stride over ``local``, built
+    without ``from_local``'s autograd node and spec checks (what FSDP2 does for its
+    gradients); ``local`` must be the block ``like``'s spec describes."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor(local, like._spec, requires_grad=False)
+
+
+def is_wrapper_subclass(t: type) -> bool:
+    """A tensor subclass that unwraps itself in dispatch (DTensor, a functional
+    collective's not-yet-waited result)."""
+    from torch.distributed.tensor import DTensor
+
+    return issubclass(t, (DTensor, _funcol.AsyncCollectiveTensor))
 
 
 def wait(t: torch.Tensor) -> torch.Tensor:
@@ -296,7 +330,10 @@ def refill_storage(t: torch.Tensor, values: torch.Tensor) -> None:
             extent = x.storage_offset() + 1 + sum((n - 1) * st for n, st in
                                                   zip(x.shape, x.stride()) if n > 0)
             x.untyped_storage().resize_(extent * x.element_size() if x.numel() else 0)
-            x.copy_(v)
+            # the same values as before the free, so autograd must not see an in-place
+            # change (``.data`` has its own version counter): a view made of it inside a
+            # custom Function (DTensor's to_local) would otherwise refuse its backward
+            x.data.copy_(v)
 
 
 def storage_freed(t: torch.Tensor) -> bool:

@@ -46,28 +46,40 @@ def test_accumulation_with_no_sync_matches_one_device() -> None:
     dp = [r for r in par.schedule() if r.axis == "dp" and r.site != "loss"]
     par.close()
     assert got == pytest.approx(ref, rel=1e-5, abs=1e-5)
-    # no_sync: one gradient all-reduce per parameter per step, not per microbatch
-    assert len(dp) == len(list(TinyLM().parameters()))
+    # no_sync: every gradient reduced once per step (not per microbatch), in one bucket
+    # (TinyLM's 43,648 bytes are under DDP's 1 MiB first bucket)
+    psi = sum(p.numel() * 4 for p in TinyLM().parameters())
+    assert [r.bytes for r in dp] == [psi]
 
 
-def test_backward_alone_reduces_the_gradients_during_backward() -> None:
+@pytest.mark.parametrize("bucket_kb,buckets", [(8, 5), (0, 7)])
+def test_backward_alone_reduces_the_gradients_during_backward(bucket_kb: int,
+                                                               buckets: int) -> None:
     torch.manual_seed(0)
-    par = lowering.parallelize(TinyLM(tied=False), "dp=2")
-    reduced_before_emb: list[bool] = []
-    # the embedding runs backward last: by then the head's gradient is already reduced
-    par.model.emb.register_full_backward_pre_hook(lambda m, g: reduced_before_emb.append(
-        not par.model.head.weight.grad.placements[0].is_partial()))
+    par = lowering.parallelize(TinyLM(tied=False), "dp=2", bucket_kb=bucket_kb)
+    issued_before_emb: list[int] = []
+    # the embedding runs backward last: when the gradient reaches its output, the head's,
+    # down's and up's buckets are already on the wire
+    def probe(g: torch.Tensor) -> None:
+        issued_before_emb.append(sum(r.axis == "dp" and r.site != "loss"
+                                     for r in par.recorder.records))
+
+    par.model.emb.register_forward_hook(lambda m, i, out: [out.register_hook(probe), None][1])
     x, y = batch(0)
     loss = F.cross_entropy(par.model(par.shard(x)).reshape(-1, VOCAB), par.shard(y).reshape(-1))
     loss.backward()
     placements = {n: (tuple(p.grad.placements), tuple(p.placements))
                   for n, p in par.model.named_parameters()}
-    recs = par.schedule()
+    recs = par.recorder.records
     par.close()
     assert all(g == want for g, want in placements.values())  # no sync call needed
     grads = [r for r in recs if r.axis == "dp" and r.site != "loss"]
-    assert len(grads) == 7 and {r.phase.value for r in grads} == {"backward"}
-    assert reduced_before_emb == [True]
+    # 8 KiB buckets, reverse registration order: head (8 KiB) | down.bias + down.weight |
+    # up.bias + up.weight | emb.weight (8 KiB) | pos (the root's own parameter registers
+    # first, so it comes last); 0: one per parameter
+    assert len(grads) == buckets and {r.phase.value for r in grads} == {"backward"}
+    assert sum(r.bytes for r in grads) == sum(p.numel() * 4 for p in TinyLM(tied=False).parameters())
+    assert issued_before_emb and 0 < issued_before_emb[0] < buckets
 
 
 @pytest.mark.parametrize("tied", [True, False])

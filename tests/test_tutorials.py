@@ -56,7 +56,10 @@ def test_02_data_and_tensor_parallel() -> None:
     assert "gpt-tiny: 216,192 parameters = 864,768 B in fp32" in out
     # (a) DP
     assert "placements of the 44 parameters: {'(Replicate(),)': 44}" in out
-    assert "44 gradient all-reduces over dp (phase: backward), payloads sum to 864,768 B" in out
+    # one bucket: the parameters in reverse order, from the last (ln_f) to the first (wte)
+    assert ("1 gradient all-reduce(s) over dp (phase: backward), payloads sum to 864,768 B; "
+            "site 'grads ln_f.bias .. wte.weight'") in out
+    assert "with bucket_kb=0 (--bucket-kb 0): 44 all-reduces, one per parameter" in out
     assert "= 216,192 parameters * 4 B = 864,768 B: equal" in out
     # (b) TP
     assert re.search(r"blocks\.0\.attn\.q\.weight .* column-parallel", out)
@@ -70,7 +73,9 @@ def test_02_data_and_tensor_parallel() -> None:
     assert "3(n-1)/n * psi = 3*1/2 * 864,768 = 1,297,152 B; recorded 1,297,152 B" in out
     # recorded vs analytic wire bytes: dp (a), tp (b), dp (c), dp and tp (d)
     assert out.count("-> exact") == 5 and "MISMATCH" not in out
-    # (d) DP x TP: every rank has the same loss each step, and matches one device
+    # (d) DP x TP: the dp bucket holds the tp blocks: 216,192 minus half the split weights
+    assert "the dp bucket carries this rank's tp blocks of the gradients: 109,696 values" in out
+    # every rank has the same loss each step, and matches one device
     steps = re.findall(r"step (\d): loss per rank ([\d.]+), \2, \2, \2\n", out)
     assert [s for s, _ in steps] == ["0", "1", "2"]
     assert "every one of the 4 ranks matches the single-device model" in out

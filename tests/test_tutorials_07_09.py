@@ -107,16 +107,18 @@ def test_09_reading_a_schedule() -> None:
     local = _gpt_tiny_local_bytes(tp=2)
     assert len(local) == 44
 
-    # (a) where the 65 collectives of rank 0 come from
-    assert "prints rank 0's 65 collectives" in out
+    # (a) where the 22 collectives of rank 0 come from
+    assert "prints rank 0's 22 collectives" in out
     for line in ("forward   1 x all_reduce over tp: vocab-parallel embedding",
                  "forward   8 x all_reduce over tp: row-parallel outputs attn.o, mlp.down (g)",
                  "forward   3 x all_reduce over tp: vocab-parallel loss",
                  "backward  1 x all_reduce over tp: vocab-parallel head",
                  "backward  8 x all_reduce over tp: block inputs of attn and mlp (f)",
-                 "backward 44 x all_reduce over dp: parameter's gradient"):
+                 "backward  1 x all_reduce over dp: a bucket of parameters' gradients"):
         assert line in out, line
-    assert "every dp payload = its parameter's local bytes: yes" in out
+    # every gradient in one bucket: its payload is the 44 local blocks, flattened
+    assert f"flattened local blocks: {sum(local.values()) // F32:,} values = the 44 " in out
+    assert "every dp payload = its parameters' local bytes: yes" in out
     assert "rank 3's tp group is [2, 3], its dp group [1, 3]" in out
 
     # (b) dp: 2(n-1)/n = 1 times every local parameter; tp: b=4, s=32, embed=64
@@ -126,7 +128,7 @@ def test_09_reading_a_schedule() -> None:
     assert (dp, tp) == (438_784, 591_360)
     assert f"dp: recorded {dp:,} B, by hand {dp:,} B: equal" in out
     assert f"tp: recorded {tp:,} B, by hand {tp:,} B: equal" in out
-    assert f"dp: 44 collectives, recorded {dp:,} B, ex.analytic['dp'].wire_bytes {dp:,} B" in out
+    assert f"dp: 1 collectives, recorded {dp:,} B, ex.analytic['dp'].wire_bytes {dp:,} B" in out
     assert f"tp: 21 collectives, recorded {tp:,} B, ex.analytic['tp'].wire_bytes {tp:,} B" in out
 
     # (c) pp=2, dp=2, tp=2, m=2: batch 16, b = 16/2/2 = 4 rows per microbatch

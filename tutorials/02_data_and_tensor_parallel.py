@@ -6,8 +6,8 @@ changes. For each layout you will see the plan (how every parameter is laid out)
 the schedule (the collectives rank 0 issues in one training step), traced in dry mode
 on meta tensors, and check the recorded bytes against the textbook formulas:
 
-  (a) DP,   dp=2:        parameters replicated; one gradient all-reduce per parameter,
-                         whose payloads add up to the size of the model.
+  (a) DP,   dp=2:        parameters replicated; the gradients all-reduced in buckets
+                         (as DDP does), whose payloads add up to the size of the model.
   (b) TP,   tp=2:        Megatron: column-parallel then row-parallel linears, so each
                          transformer block all-reduces twice forward and twice backward.
   (c) FSDP, dp=2:        parameters sharded over dp; all-gather forward, all-gather
@@ -71,12 +71,18 @@ def main() -> None:
     placements = Counter(str(p.placements) for p in ex.plan.params)
     print(f"placements of the {len(ex.plan.params)} parameters: {dict(placements)}")
     print("Every rank holds the whole model and half of the batch; after backward each")
-    print("gradient is averaged over dp, one all-reduce per parameter:")
+    print("gradient is averaged over dp. As DDP does, the gradients are packed into buckets")
+    print("(the first closes at 1 MiB, the rest at 25 MiB), each all-reduced as soon as its")
+    print("last gradient is ready while the backward runs on; gpt-tiny's fit in one:")
     grads = [r for r in recs if r.op.value == "all_reduce" and r.axis == "dp"]
     payload = sum(r.bytes for r in grads)
     phases = ", ".join(sorted({r.phase.value for r in grads}))
-    print(f"  {len(grads)} gradient all-reduces over dp (phase: {phases}), "
-          f"payloads sum to {payload:,} B")
+    print(f"  {len(grads)} gradient all-reduce(s) over dp (phase: {phases}), "
+          f"payloads sum to {payload:,} B; site {grads[0].site!r}")
+    per_param = explain(Layout(MODEL, sl.Mesh(dp=2), sl.Rules.default(), bucket_kb=0))
+    n_alone = sum(r.axis == "dp" for r in per_param.schedules.ranks[0])
+    print(f"  with bucket_kb=0 (--bucket-kb 0): {n_alone} all-reduces, one per parameter, "
+          "the same bytes")
     print(f"  = {n_params:,} parameters * 4 B = {param_bytes:,} B: "
           f"{'equal' if payload == param_bytes else 'NOT EQUAL'}")
     compare_with_formulas(ex)
@@ -155,12 +161,12 @@ def main() -> None:
     for axis in ("dp", "tp"):
         print(f"  {axis}: {count(recs, op='all_reduce', axis=axis)} all-reduces")
     act = next(r for r in recs if r.axis == "tp" and r.site.startswith("blocks."))
-    up = next(r for r in recs if r.axis == "dp" and r.site.endswith("mlp.up.weight"))
-    full_up = ex.plan.param(up.site).shape
+    bucket = next(r for r in recs if r.axis == "dp")
     print(f"  a tp all-reduce now carries {list(act.shape)}: batch {batch} / dp "
           f"{layout.mesh.dp} = {act.shape[0]} sequences per dp group")
-    print(f"  a dp all-reduce carries one rank's tp shard of a gradient: {up.site} "
-          f"{list(full_up)} -> {list(up.shape)}")
+    print(f"  the dp bucket carries this rank's tp blocks of the gradients: "
+          f"{bucket.shape[0]:,} values of the model's {n_params:,} (the tp-split weights "
+          "halved)")
     compare_with_formulas(ex)
     result, parity = simulate(layout, steps=3, check=True)
     assert parity is not None

@@ -9,7 +9,8 @@ microbatches, and recomputes its byte counts from the formulas by hand. You will
       wire bytes), and where each collective comes from, grouped by site: the vocab-
       parallel embedding, Megatron's g (forward, row-parallel outputs) and f (backward,
       block inputs), the vocab-parallel loss's three all-reduces, the head's input, and
-      the dp gradient all-reduces at the end, one per parameter;
+      the dp gradient all-reduce at the end: the gradients packed into buckets, as DDP
+      does (``--bucket-kb 0`` would show one row per parameter);
   (b) per-axis wire bytes, recorded vs ``ex.analytic``, and the dp and tp totals
       recomputed here from lowering/analytic.py's formulas;
   (c) the pipeline: sends and receives at the stage boundary, the all-reduce over pp of
@@ -61,6 +62,8 @@ def kind_of(rec: Record, params: set[str]) -> str:
     fwd = rec.phase.value == "forward"
     if rec.site.startswith("pipeline"):
         return f"pipeline boundary ({rec.op.value})"
+    if rec.site.startswith("grads "):
+        return "a bucket of parameters' gradients, averaged over dp"
     if rec.site.split(" ")[0] in params:
         return ("shared parameter's gradient, summed over pp" if rec.axis == "pp"
                 else "parameter's gradient, averaged over dp")
@@ -75,6 +78,17 @@ def kind_of(rec: Record, params: set[str]) -> str:
     return "other"
 
 
+def bucket_names(site: str, params: list) -> list[str]:
+    """The parameters a gradient bucket's site ``grads FIRST .. LAST`` covers: buckets take
+    the parameters in reverse order, so FIRST is the later-registered one."""
+    names = [p.name for p in params]
+    if not site.startswith("grads "):
+        return [site] if site in names else []
+    first, last = site.removeprefix("grads ").split(" .. ")
+    i, j = names.index(first), names.index(last)
+    return names[j:i + 1][::-1]
+
+
 # -- (a) ------------------------------------------------------------------------------------
 def section_a() -> Explained:
     mesh = sl.Mesh(dp=2, tp=2)
@@ -83,8 +97,8 @@ def section_a() -> Explained:
     recs = ex.schedules.ranks[0]
     print(f"python -m lowering explain gpt-tiny --mesh dp=2,tp=2 prints rank 0's {len(recs)} "
           "collectives; here are a few rows:")
-    pick = [recs[0], recs[1], recs[2], recs[9], recs[12], recs[13], recs[21], recs[-1]]
-    print_schedule(pick, mesh, console=console, title="rows 0, 1, 2, 9, 12, 13, 21 and the last")
+    pick = [recs[0], recs[1], recs[2], recs[9], recs[12], recs[13], recs[-1]]
+    print_schedule(pick, mesh, console=console, title="rows 0, 1, 2, 9, 12, 13 and the last")
     row = recs[1].json(mesh, 0)
     print("Row 1, column by column (Record.json(mesh, rank) gives the same fields):")
     notes = {
@@ -128,21 +142,29 @@ def section_a() -> Explained:
     print("  three all-reduces of b*s values (shapes [4, 1, 32]: 4 rows, 32 positions).")
     print("- (model) backward: lm_head (tied to wte) is vocab-parallel; the gradient of its")
     print("  input is partial over tp, summed once (f for the head).")
-    print(f"- rows {first_dp}-{len(recs) - 1}: after the backward, one all-reduce over dp per "
-          f"parameter ({len(dp)} of {len(params)}), its site")
-    print("  the parameter's name, its shape the local block (wte.weight [128, 64]: half of "
-          "(256, 64) over tp).")
+    covered = [n for r in dp for n in bucket_names(r.site, ex.plan.params)]
+    print(f"- row {first_dp}{'' if len(dp) == 1 else f'-{len(recs) - 1}'}: after the backward, "
+          f"the gradients averaged over dp, packed into {len(dp)} bucket(s) as DDP packs them")
+    print("  (its first bucket closes at 1 MiB, the others at 25 MiB; each goes out as soon as "
+          "its last")
+    print("  gradient is ready, while the backward runs on). The site names the bucket's first "
+          "and last")
+    print(f"  parameter, the shape is the flattened local blocks: {dp[0].shape[0]:,} values = "
+          f"the {len(covered)} parameters' blocks")
+    print("  (wte.weight's is [128, 64]: half of (256, 64) over tp). `--bucket-kb 0` gives one "
+          "row per parameter.")
     ok = (by[("forward", "all_reduce", "tp", "row-parallel outputs attn.o, mlp.down (g)")]
           == 2 * n_layers
           and by[("backward", "all_reduce", "tp", "block inputs of attn and mlp (f)")]
           == 2 * n_layers
           and by[("forward", "all_reduce", "tp",
                   "vocab-parallel loss (max, sum-exp, target logit)")] == 3
-          and sorted(r.site for r in dp) == sorted(params)
-          and all(r.bytes == local[r.site] and r.phase.value == "backward" for r in dp)
+          and sorted(covered) == sorted(params)
+          and all(r.bytes == sum(local[n] for n in bucket_names(r.site, ex.plan.params))
+                  and r.phase.value == "backward" for r in dp)
           and all(r.axis == "tp" for r in recs[:first_dp]) and "other" not in
           {k for *_, k in by})
-    print(f"counts as described, every dp payload = its parameter's local bytes: "
+    print(f"counts as described, every dp payload = its parameters' local bytes: "
           f"{'yes' if ok else 'NO'}")
     if not ok:
         raise SystemExit("the schedule is not what the lesson says")

@@ -154,8 +154,8 @@ def section_c() -> None:
           "multi-head attention would.")
     ok = len(perms) == 2 * L and all(r.bytes == kv_bytes for r in perms)
     rest = collections.Counter(r.op.value for r in ex.schedules.ranks[0] if r not in perms)
-    print(f"The rest: {dict(rest)} (one per parameter: its gradient summed over sp). As "
-          f"expected: {'yes' if ok else 'NO'}")
+    print(f"The rest: {dict(rest)} (the gradients, summed over sp in buckets as DDP "
+          f"packs them: all of them fit its first, 1 MiB). As expected: {'yes' if ok else 'NO'}")
     c = s // (2 * n)
     print("Rotary takes positions from sl.positions: load balancing gives rank r chunks r and "
           f"2*sp-1-r\nof {2 * n}: rank 0 holds tokens 0-{c - 1} and {s - c}-{s - 1}.")

@@ -4,8 +4,10 @@
 a ``Parallel``. From then on the loop is plain PyTorch: your loss (here cross-entropy on
 a copy task, written as you would on one GPU), your optimizer and scheduler, gradient
 clipping (``par.clip_grad_norm_``: the norm over every mesh axis) and accumulation
-(``par.no_sync()``). ``loss.backward()`` alone reduces the gradients: hooks all-reduce
-each one as soon as autograd has accumulated it, while the rest of the backward runs.
+(``par.no_sync()``). ``loss.backward()`` alone reduces the gradients: hooks pack them
+into buckets (as DDP does) and all-reduce each bucket as soon as its last gradient is
+ready, while the rest of the backward runs (this small model's gradients fit one bucket:
+the schedule shows one dp all-reduce, site ``grads head.weight .. pos``).
 The only new calls are ``par.shard(batch)`` (the global batch -> this rank's block) and,
 to look inside, ``par.values(t)`` (every rank's local value) and ``par.explain()``.
 

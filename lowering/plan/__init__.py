@@ -3,6 +3,7 @@ and its action orders; analytic communication volumes. Never imports ``parallel`
 ``run``: nothing here executes a model on a mesh."""
 
 from lowering.plan.analytic import AxisVolume, Term, analytic_volume, unexplained
+from lowering.plan.buckets import BUCKET_BYTES, FIRST_BUCKET_BYTES, GradBucket, grad_buckets
 from lowering.plan.meta import KnownValues
 from lowering.plan.lower import ParamPlan, PipelinePlan, Plan, lower
 from lowering.plan.options import Options, Precision, Schedule, check_options, given, option_fields
@@ -19,5 +20,6 @@ __all__ = [
     "Pipe", "Action", "Kind", "Slot", "actions", "timeline", "bubble_of", "bubble_theory",
     "gantt_rows", "check_pipe", "describe_pipe", "layer_stack", "hidden_key",
     "microbatch_rows", "BOUNDARY_AXES", "placements", "tensor_axes", "fsdp_dim", "describe",
-    "contiguous_stride", "KnownValues", "AxisVolume", "Term", "analytic_volume", "unexplained",
+    "contiguous_stride", "KnownValues", "GradBucket", "grad_buckets", "BUCKET_BYTES",
+    "FIRST_BUCKET_BYTES", "AxisVolume", "Term", "analytic_volume", "unexplained",
 ]

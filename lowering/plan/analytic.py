@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lowering.plan.buckets import grad_buckets, head_local_params, local_numel
 from lowering.plan.lower import ParamPlan, PipelinePlan, Plan
 from lowering.plan.roles import Role
 from lowering.schedule.records import Op, Record, wire_bytes
@@ -91,16 +92,7 @@ def _entry_axes(plan: Plan, logical: str) -> set[str]:
 
 
 def _local_numel(p: ParamPlan, plan: Plan, *, gathered: bool) -> int:
-    """Elements of rank 0's block of ``p``. ``gathered``: as FSDP's all-gather produces it
-    (dp gathered, its dim padded up to a multiple of dp); else as stored."""
-    n = 1
-    for d, size in enumerate(p.shape):
-        size //= math.prod(plan.mesh.axis_size(a) for a in p.spec.axes_of(d))
-        if d == p.fsdp_dim:
-            k = plan.mesh.dp
-            size = -(-size // k) * k if gathered else -(-size // k)
-        n *= size
-    return n
+    return local_numel(p, plan, gathered=gathered)
 
 
 def _uses(model: nn.Module) -> dict[str, int]:
@@ -148,7 +140,7 @@ def _pair(what: str, payload: int, n: int, sp: bool, fwd_gather: bool) -> list[T
     return [Term(f"{what} fwd", first, 1, payload, n), Term(f"{what} bwd", second, 1, payload, n)]
 
 
-def _tp(plan: Plan, model: nn.Module, b: int, s: int) -> list[Term]:
+def _tp(plan: Plan, model: nn.Module, b: int, s: int, *, bucketed: bool) -> list[Term]:
     n = plan.mesh.tp
     sp = "tp" in _entry_axes(plan, "norm_seq")
     plans = {p.name: p for p in plan.params}
@@ -178,34 +170,36 @@ def _tp(plan: Plan, model: nn.Module, b: int, s: int) -> list[Term]:
                      b * s * mod.in_features * _F32, n)]
             terms.append(Term("vocab-parallel loss: max, sum-exp, target logit", Op.ALL_REDUCE,
                               3, b * s * _F32, n))
-    terms += _head_local(plan, model, plans, n)
-    if sp:
-        terms += _grad_sync(plan, model, "tp", "Megatron-SP: tokens split over tp")
+    if not bucketed:
+        terms += _head_local(plan, model, n)
+        if sp:
+            terms += _grad_sync(plan, model, "tp", "Megatron-SP: tokens split over tp")
+    elif sp:
+        terms += _unbucketed(plan, model, "tp", "Megatron-SP: tokens split over tp")
     return terms
 
 
-def _head_local(plan: Plan, model: nn.Module, plans: dict[str, ParamPlan], n: int) -> list[Term]:
+def _head_local(plan: Plan, model: nn.Module, n: int) -> list[Term]:
     """A replicated weight that acts on each head's own width (a q/k norm of width
     head_dim beside column-parallel q/k projections) sees only this rank's heads: its
     gradient is partial over tp, one all-reduce backward."""
-    terms = []
-    for name, block in model.named_modules():
-        kids = dict(block.named_children())
-        widths = {m.in_features for k, m in kids.items() if isinstance(m, nn.Linear)
-                  and (pp := plans.get(f"{name}.{k}.weight" if name else f"{k}.weight"))
-                  and pp.role is Role.COLUMN and "tp" in pp.spec.mesh_axes}
-        if not widths:
-            continue
-        for k, m in kids.items():
-            w = getattr(m, "weight", None)
-            pp = plans.get(f"{name}.{k}.weight" if name else f"{k}.weight")
-            if (isinstance(m, (nn.Linear, nn.Embedding)) or w is None or pp is None
-                    or "tp" in pp.spec.mesh_axes or w.shape[-1] in widths):
-                continue
-            params = [p for p in m.parameters(recurse=False) if p.requires_grad]
-            terms.append(Term(f"{name}.{k} (acts on this rank's heads) weight grad bwd",
-                              Op.ALL_REDUCE, len(params), w.numel() * _F32, n))
-    return terms
+    shapes = dict(model.named_parameters())
+    return [Term(f"grad {name} (acts on this rank's heads)", Op.ALL_REDUCE, 1,
+                 shapes[name].numel() * _F32, n) for name in head_local_params(plan, model)]
+
+
+def _buckets(plan: Plan, model: nn.Module, axis: str) -> list[Term]:
+    """Bucketed gradient all-reduces over ``axis`` (:mod:`lowering.plan.buckets`)."""
+    n = plan.mesh.axis_size(axis)
+    return [Term(f"grad bucket {b.index}: {len(b.names)} parameters ({b.site})",
+                 Op.ALL_REDUCE, 1, b.nbytes, n)
+            for b in grad_buckets(plan, model) if axis in b.axes]
+
+
+def _unbucketed(plan: Plan, model: nn.Module, axis: str, why: str) -> list[Term]:
+    """Gradients reduced where a shard_map region runs (not bucketed)."""
+    return [t for t in _grad_sync(plan, model, axis, why)
+            if t.what.split()[1].rpartition(".")[0] in plan.trace.shard_map_modules]
 
 
 def _sp(plan: Plan, b_shards: int) -> list[Term]:
@@ -251,7 +245,7 @@ def _moe_extra(plan: Plan, model: nn.Module, axis: str, tokens: int, token_axes:
 
 
 _FORMULAS = {
-    "dp": "gradient all-reduce 2(n-1)/n per replicated parameter; FSDP 3(n-1)/n * psi",
+    "dp": "gradient all-reduce 2(n-1)/n per bucket of replicated parameters; FSDP 3(n-1)/n * psi",
     "ep": "MoE dispatch + combine all-to-alls (n-1)/n each way; dense gradient all-reduce",
     "sp": "ring attention: n-1 K/V permutes each way per attention; gradient all-reduce",
     "tp": "Megatron: 2 all-reduces (or AG+RS under SP) per row-parallel linear; "
@@ -260,12 +254,15 @@ _FORMULAS = {
 
 
 def analytic_volume(plan: Plan, model: nn.Module, *, batch: int, seq: int,
-                    pp_rank: int = 0) -> dict[str, AxisVolume]:
+                    pp_rank: int = 0, bucketed: bool = True) -> dict[str, AxisVolume]:
     """The formula volume per mesh axis for one training step on one rank (of pipeline
-    stage ``pp_rank``; ``model`` is then that stage's model)."""
+    stage ``pp_rank``; ``model`` is then that stage's model). Gradients are bucketed
+    unless pipelined (``bucketed=False``: one all-reduce per parameter, as a pipeline's
+    stages reduce them)."""
     if plan.pipeline is not None:
         return _pipelined(plan, plan.pipeline, model, batch=batch, seq=seq, pp_rank=pp_rank)
     mesh = plan.mesh
+    bucketed = bucketed and plan.options.bucket_kb != 0
     batch_axes, seq_axes = _entry_axes(plan, "batch"), _entry_axes(plan, "seq")
     b_shards = math.prod(mesh.axis_size(a) for a in batch_axes)
     b, s = batch // b_shards, seq // math.prod(mesh.axis_size(a) for a in seq_axes)
@@ -277,10 +274,14 @@ def analytic_volume(plan: Plan, model: nn.Module, *, batch: int, seq: int,
         splits_tokens = axis in batch_axes or axis in seq_axes
         if axis == "dp" and plan.options.fsdp:
             vol.terms += _fsdp(plan, model)
-        if splits_tokens:
+        if bucketed:
+            vol.terms += _buckets(plan, model, axis)
+            if splits_tokens:
+                vol.terms += _unbucketed(plan, model, axis, "tokens split over " + axis)
+        elif splits_tokens:
             vol.terms += _grad_sync(plan, model, axis, "tokens split over " + axis)
         if axis == "tp":
-            vol.terms += _tp(plan, model, b, s)
+            vol.terms += _tp(plan, model, b, s, bucketed=bucketed)
         if axis == "sp":
             vol.terms += _sp(plan, b_shards)
         if axis == "ep":
@@ -308,8 +309,9 @@ def _pipelined(plan: Plan, pl: PipelinePlan, model: nn.Module, *, batch: int, se
                                                              if p.name in held),
                                 trace=dataclasses.replace(plan.trace, attention=attn))
     synced = dataclasses.replace(stage, params=tuple(p for p in stage.params if has_grad(p.name)))
-    out = analytic_volume(stage, model, batch=batch // m, seq=seq)
-    grads = {t.what for v in analytic_volume(synced, model, batch=batch // m, seq=seq).values()
+    out = analytic_volume(stage, model, batch=batch // m, seq=seq, bucketed=False)
+    grads = {t.what for v in analytic_volume(synced, model, batch=batch // m, seq=seq,
+                                             bucketed=False).values()
              for t in v.terms if t.what.startswith("grad ")}
     # FSDP and shard_map regions (MoE experts) reduce each use's gradient as it happens,
     # so once per microbatch; every other gradient once per step

@@ -63,7 +63,7 @@ class Options:
     Example:
         >>> from lowering import Options
         >>> Options(fsdp=True, batch=16)
-        Options(fsdp=True, batch=16, seq=None, load_balance=False, schedule=None, microbatches=None, virtual=None, precision=<Precision.FP32: 'fp32'>)
+        Options(fsdp=True, batch=16, seq=None, load_balance=False, schedule=None, microbatches=None, virtual=None, precision=<Precision.FP32: 'fp32'>, bucket_kb=None)
     """
 
     fsdp: bool = _opt(False, "--fsdp", "shard parameters over dp (FSDP)")  # type: ignore[assignment]
@@ -83,6 +83,10 @@ class Options:
                                 "fp32, or bf16: fp32 master weights and optimizer state, bf16 "
                                 "compute and FSDP gathers, fp32 gradient reductions",
                                 metavar="{fp32,bf16}")
+    bucket_kb: int | None = _opt(None, "--bucket-kb",  # type: ignore[assignment]
+                                 "gradient all-reduce bucket size in KiB (default DDP's: 1024 "
+                                 "for the first bucket, 25600 after; 0: one all-reduce per "
+                                 "parameter)", metavar="KIB")
 
     def __post_init__(self) -> None:
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
@@ -128,6 +132,10 @@ def _check_positive(o: Options) -> None:
         v = getattr(o, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise sl.ShardingError(f"{given(name, v)}: must be a positive integer")
+    v = o.bucket_kb
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        raise sl.ShardingError(f"{given('bucket_kb', v)}: must be an integer >= 0 (KiB; 0 "
+                               "reduces each gradient on its own)")
 
 
 def _check_pipeline_only(o: Options, mesh: sl.Mesh) -> None:

@@ -43,7 +43,7 @@ from lowering.parallel import DTensorContext, distribute_model
 from lowering.parallel.data import GradSync, install_grad_sync
 from lowering.parallel.fsdp import compute_dtype, install_at_use
 from lowering.parallel.tensor import LocalOps
-from lowering.plan import Options, Plan, lower
+from lowering.plan import Options, Plan, grad_buckets, lower
 from lowering.run.guard import CollectiveGuard
 from lowering.run.launch import report_worker_error
 from lowering.run.values import clip_grad_norm, from_blocks, global_item
@@ -68,9 +68,11 @@ def parallelize(model: nn.Module, mesh: sl.Mesh | str | None = None,
                 rules: sl.Rules | str | None = None, *, fsdp: bool = False,
                 precision: str = "fp32", load_balance: bool = False,
                 schedule: str | None = None, microbatches: int | None = None,
-                virtual: int | None = None) -> Parallel:
+                virtual: int | None = None, bucket_kb: int | None = None) -> Parallel:
     """Distribute an annotated ``model`` over ``mesh`` in place and return its
     :class:`Parallel` (``mesh=None``: the mesh ``shardlang run|simulate --mesh`` passed).
+    Gradients are all-reduced in buckets of ``bucket_kb`` KiB (None: DDP's sizes; 0: one
+    all-reduce per parameter) while backward runs.
 
     Example:
         >>> import shardlang as sl, lowering, models
@@ -97,7 +99,8 @@ def parallelize(model: nn.Module, mesh: sl.Mesh | str | None = None,
             f"train pipelines with 'shardlang run MODEL --mesh {mesh}' (the built-in loop), "
             "or drop pp from the mesh")
     options = Options.of(fsdp=fsdp, precision=precision, load_balance=load_balance,
-                         schedule=schedule, microbatches=microbatches, virtual=virtual)
+                         schedule=schedule, microbatches=microbatches, virtual=virtual,
+                         bucket_kb=bucket_kb)
     return Parallel(model, lower(model, mesh, rules, options=options))
 
 
@@ -161,7 +164,8 @@ class Parallel:
             install_at_use(self.model, None, None, dtype=dtype)
             return
         distribute_model(self.model, plan, sess.dmesh)
-        self._sync = install_grad_sync(self.model, sess.dmesh, lambda: self.recorder)
+        self._sync = install_grad_sync(self.model, sess.dmesh, lambda: self.recorder,
+                                       grad_buckets(plan, self.model))
         self.ctx = DTensorContext(plan, sess.dmesh, rec)
         stack.enter_context(rec.recording())
         stack.enter_context(sl.activate(self.ctx))

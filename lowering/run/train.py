@@ -28,7 +28,7 @@ from lowering.parallel.pipeline_step import (dummy_tokens, funcol_all_reduce,
                                              in_process_all_reduce, reduce_grads,
                                              step_in_process, step_torch)
 from lowering.parallel.tensor import LocalOps, logits_of, loss_scope, next_token_loss
-from lowering.plan import Plan, Slot, bubble_of, microbatch_rows
+from lowering.plan import Plan, Slot, bubble_of, grad_buckets, microbatch_rows
 from lowering.run import checkpoint
 from lowering.run.guard import CheckMode, CollectiveGuard
 from lowering.run.session import Mode, Session, group_axes
@@ -125,11 +125,11 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
     live: list[Recorder | None] = [recorder]  # the running step's recorder, for the grad hooks
     if plan is not None and dmesh is not None:
         distribute_model(model, plan, dmesh)
-        install_grad_sync(model, dmesh, lambda: live[0])
+        install_grad_sync(model, dmesh, lambda: live[0], grad_buckets(plan, model))
         ctx = DTensorContext(plan, dmesh, recorder)
     elif plan is None:
         install_at_use(model, None, None, dtype=compute_dtype(cfg.precision))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=True)
     result = TrainResult()
     ck = cfg.checkpoint if not dry else None
     holder = _Holder(model, sess.mesh if sess else sl.Mesh(), _mode_name(sess),
@@ -297,7 +297,7 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
             distribute_model(st.model, plan, sess.dmesh)
         st.dmesh = sess.dmesh
         ctxs[r] = DTensorContext(plan, sess.dmesh, recs[r]) if sess.dmesh is not None else None
-        opts[r] = torch.optim.AdamW(st.model.parameters(), lr=cfg.lr, foreach=False)
+        opts[r] = torch.optim.AdamW(st.model.parameters(), lr=cfg.lr, foreach=True)
     m = pipe.microbatches
     rows = microbatch_rows(cfg.batch, plan.batch_ways, m)
     tokens = dummy_tokens((cfg.batch // m, cfg.seq), "meta" if dry else sess.device)
