@@ -1,4 +1,4 @@
-"""The ``shardlang`` command: explain (dry), simulate, run.
+"""The ``shardlang`` command: explain (dry), simulate, run, bench.
 
 Exit codes: 0 ok; 1 a ``--check`` mismatch; 2 bad input (a ShardingError, one paragraph,
 no traceback); 3 an unexpected failure inside torch (one paragraph; SHARDLANG_DEBUG=1
@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 import shardlang as sl
 from lowering._torch import quiet_dtensor_warnings
+from lowering.bench.command import add_bench_parser, cmd_bench
 from lowering.debug import (describe_value, divergences, inspect, print_divergences,
                             print_inspection, print_ranks, sharding_of, show_sharding)
 from lowering.plan import Options, Schedule, describe_pipe, option_fields
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write every rank's recorded schedule (explain --json schema), "
                         "rank 0's loss per step and, with pp > 1, the measured pipeline "
                         "bubble per step to FILE")
+    add_bench_parser(sub, _common)
     return parser
 
 
@@ -416,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _cmd_explain(args, console)
             if args.command == "simulate":
                 return _cmd_simulate(args, console)
+            if args.command == "bench":
+                return cmd_bench(args, argv, _layout(args), console)
             return _cmd_run(args, argv, console)
     except sl.ShardingError as e:
         if not report_worker_error(str(e)):  # a torchrun worker hands it to the launcher

@@ -34,6 +34,12 @@ PRESETS: dict[str, Preset] = {
                "nanoGPT decoder: 4 layers, width 64, 4 heads, seq 32, vocab 256"),
         # capacity factor n_experts/top_k = 2: one slot per local token in every expert,
         # and a token picks an expert at most once, so nothing drops on any layout
+        Preset("gpt-bench",
+               lambda: GPT(GPTConfig(seq_len=128, n_layer=4, n_head=8, n_embd=256,
+                                     tie_weights=False)),
+               "the benchmark GPT: 4 layers, width 256, 8 heads, separate q/k/v, untied head, "
+               "seq 128, batch 8, vocab 256 (shardlang bench's reference model)",
+               batch=8, seq=128),
         Preset("gpt-moe-tiny",
                lambda: GPT(GPTConfig(n_experts=4, top_k=2, capacity_factor=2.0, moe_every=2)),
                "gpt-tiny with a 4-expert top-2 MoE in every other block (1 and 3); capacity "
