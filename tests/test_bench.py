@@ -60,6 +60,28 @@ def test_bench_with_baseline_reports_every_field(tmp_path: Path) -> None:
     assert "dp all_reduce" in names and "aten::mm" in names
 
 
+@pytest.mark.torchrun
+@pytest.mark.timeout(400)
+def test_a_hugging_face_model_on_dp_and_tp_beside_ddp_and_parallelize_module() -> None:
+    """A model we did not write: HF Llama (tiny) on dp=2 x tp=2. The TP plan is read off
+    shardlang's, the linears return DTensors that meet the model's own rotary tables
+    (plain tensors) as replicated ones, DDP runs over the dp sub-mesh; losses agree."""
+    config = ("num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,"
+              "num_key_value_heads=2,vocab_size=128")
+    p = subprocess.run(
+        [sys.executable, "-m", "lowering", "bench", "hf:llama-3-8b", "--config", config,
+         "--mesh", "dp=2,tp=2", "--baseline", "--steps", "2", "--warmup", "1", "--json",
+         "--timeout", "300"],
+        capture_output=True, text=True, timeout=350, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (e,) = json.loads(p.stdout.strip().splitlines()[-1])["layouts"]
+    assert e["baseline"]["name"] == "DistributedDataParallel + parallelize_module TP"
+    assert e["losses"]["shardlang"] == pytest.approx(e["losses"]["baseline"], rel=1e-5)
+    assert set(e["axis_s"]) == {"dp", "tp"} and min(e["axis_s"].values()) > 0
+    assert sorted(e["peak_memory"]) == ["0", "1", "2", "3"] and e["tflops"] > 0
+
+
 def test_layouts_without_a_hand_written_baseline_say_why() -> None:
     for mesh, word in (({"pp": 2}, "pp"), ({"dp": 2, "sp": 2}, "sp"), ({"ep": 2}, "ep")):
         lay = layout("gpt-moe-tiny" if "ep" in mesh else "gpt-tiny", **mesh)
@@ -117,3 +139,18 @@ def test_a_bad_scale_is_a_sharding_error(bad: str) -> None:
 
     with pytest.raises(sl.ShardingError, match="--scale"):
         parse_scale(bad)
+
+
+def test_flops_of_a_hugging_face_model_on_meta_tensors() -> None:
+    """HF's mask code asks data-dependent questions of meta tensors (answered as in dry
+    mode); a forward and backward is at least 6 FLOPs per parameter per token."""
+    from lowering.bench.measure import model_flops
+    from lowering.run.registry import resolve
+
+    ref = resolve("hf:llama-3-8b", config="num_hidden_layers=2,hidden_size=64,"
+                  "intermediate_size=128,num_attention_heads=4,num_key_value_heads=2,"
+                  "vocab_size=128")
+    n = sum(p.numel() for p in ref.build(meta=True).parameters())
+    flops = model_flops(lambda: ref.build(meta=True), 8, 32, 0)
+    assert 6 * n * 8 * 32 * 0.9 <= flops <= 6 * n * 8 * 32 * 3
+

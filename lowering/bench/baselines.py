@@ -32,6 +32,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
 from torch.nn.parallel import DistributedDataParallel
 
 import shardlang as sl
+from lowering._torch import implicit_replication
 from lowering.plan import Plan, layer_stack
 
 __all__ = ["Baseline", "baseline_for", "no_baseline_reason"]
@@ -52,11 +53,14 @@ class Baseline:
     def step(self, idx: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """One step; returns this rank's loss (detached, not yet synchronised)."""
         x, y = idx[self.rows], tgt[self.rows]
-        out = self.model(x)
-        logits = out[0] if isinstance(out, tuple) else getattr(out, "logits", out)
-        with loss_parallel() if self.tp else contextlib.nullcontext():
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            loss.backward()
+        # under TP the linears return DTensors; a plain tensor the model makes itself (a
+        # rotary table) meets them as a replicated one (torch's implicit_replication)
+        with implicit_replication() if self.tp else contextlib.nullcontext():
+            out = self.model(x)
+            logits = out[0] if isinstance(out, tuple) else getattr(out, "logits", out)
+            with loss_parallel() if self.tp else contextlib.nullcontext():
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+                loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach()

@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lowering._torch import (TorchDispatchMode, is_functional_collective, is_wrapper_subclass,
                              op_name)
+from lowering.plan import KnownValues
 
 __all__ = ["CollectiveTimer", "compute_seconds", "model_flops", "peak_memory",
            "merge_traces"]
@@ -140,7 +141,9 @@ def model_flops(build_meta, batch: int, seq: int, vocab: int) -> float:  # noqa:
     """FLOPs of one training step (forward and backward) of the whole global batch."""
     model = build_meta()
     idx = torch.zeros((batch, seq), dtype=torch.long, device="meta")
-    with FlopCounterMode(display=False) as counter:
+    # KnownValues answers the data-dependent questions model code asks of meta tensors
+    # (Hugging Face's mask code calls .all() on positions), as dry mode does
+    with FlopCounterMode(display=False) as counter, KnownValues():
         out = model(idx)
         logits = out[0] if isinstance(out, tuple) else getattr(out, "logits", out)
         logits.float().sum().backward()
