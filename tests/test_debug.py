@@ -179,6 +179,6 @@ def test_stop_runs_mid_step_with_every_rank_and_pdb_stops_there() -> None:
         [sys.executable, "-m", "lowering", "simulate", "gpt-tiny", "--mesh", "dp=2,tp=2",
          "--inspect", "blocks.1.attn", "--pdb"],
         input="p tuple(ins.values[3].shape)\nc\n", capture_output=True, text=True,
-        timeout=120, cwd=ROOT)
+        timeout=240, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "stopped at blocks.1.attn (forward)" in p.stdout and "(4, 32, 64)" in p.stdout

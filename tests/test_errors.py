@@ -42,7 +42,7 @@ def test_mesh_size_differs_from_launched_world_size() -> None:
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
     p = subprocess.run([sys.executable, "-m", "lowering", "run", "gpt-tiny", "--mesh", "dp=4",
-                        "--steps", "1"], env=env, capture_output=True, text=True, timeout=120)
+                        "--steps", "1"], env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 2
     assert "mesh Mesh(dp=4) has 4 ranks but 2 processes were launched" in p.stderr
     assert "torchrun --nproc-per-node 4" in p.stderr and "Traceback" not in p.stderr

@@ -17,7 +17,7 @@ def run_tutorial(name: str) -> str:
     env = {**os.environ, "NO_COLOR": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tutorials" / name)], cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=280,
     )
     assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return ANSI.sub("", proc.stdout)
