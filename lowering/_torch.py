@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.distributed._functional_collectives as _funcol
 from torch.distributed._local_tensor import (
     LocalTensor,
@@ -44,7 +45,8 @@ __all__ = [
     "rank_index", "forget_dtensor_caches", "init_fake", "interleaved_order", "default_store",
     "group_ranks", "module_tracker", "tracker_snapshot", "register_cpu_sdpa",
     "instrument_pipeline_stage", "quiet_dtensor_warnings", "free_storage", "refill_storage",
-    "storage_freed", "dtensor_op_handlers", "optimizer_step_hooks", "loss_parallel_active",
+    "storage_freed", "storage_blocks", "sdpa", "dtensor_op_handlers", "optimizer_step_hooks",
+    "loss_parallel_active",
 ]
 
 
@@ -299,6 +301,23 @@ def register_cpu_sdpa() -> None:
         return expand_to_full_mesh_op_strategy(mesh, op_schema, _sdpa_patterns(9), input_index=3)
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+         dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+         enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``. On meta tensors (dry mode) torch picks the math
+    path, which saves the whole score matrix for backward; CPU's and CUDA's fused kernels
+    save the output and a log-sum-exp. Run the fused op there (grouped-query and masks
+    included), so a dry trace saves what a real run does."""
+    if q.device.type == "meta" and dropout_p == 0.0:
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device="meta")
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale,
+                                          enable_gqa=enable_gqa)
+
+
 def quiet_dtensor_warnings() -> None:
     """DTensor's advice to flatten mesh dims for a 2-D all-reduce is noise for our users."""
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
@@ -339,6 +358,17 @@ def refill_storage(t: torch.Tensor, values: torch.Tensor) -> None:
 def storage_freed(t: torch.Tensor) -> bool:
     return any(x.device.type != "meta" and x.untyped_storage().nbytes() == 0
                for x in _storage_tensors(t))
+
+
+def storage_blocks(t: torch.Tensor) -> list[tuple[int, int, torch.UntypedStorage]]:
+    """(simulated rank, identity, storage) of each block of memory holding ``t``'s values:
+    one per rank in simulate mode, else one (rank 0: this process's). Views of one tensor
+    share an identity; meta tensors have storages (of the size they would need) too."""
+    inner = t._local_tensor if hasattr(t, "_local_tensor") else t
+    if isinstance(inner, LocalTensor):
+        return [(r, x.untyped_storage()._cdata, x.untyped_storage())
+                for r, x in inner._local_tensors.items()]
+    return [(0, inner.untyped_storage()._cdata, inner.untyped_storage())]
 
 
 # -- a user's own loop ------------------------------------------------------------------------

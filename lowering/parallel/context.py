@@ -8,12 +8,11 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 
 import shardlang as sl
-from lowering._torch import rank_index
+from lowering._torch import rank_index, sdpa
 from lowering.parallel.collectives import run_collective
 from lowering.parallel.sequence import load_balanced_order, ring_attention
 from lowering.parallel.shard_map import VaryingTracker, check_outputs, submesh
@@ -109,8 +108,8 @@ class DTensorContext:
         # local gradient, which a transposed input's gradient would not have
         local = [_ContiguousGrad.apply(self._to_layout(t, pl).contiguous().to_local())
                  for t in (q, k, v)]
-        out = F.scaled_dot_product_attention(*local, is_causal=causal, scale=scale,
-                                             enable_gqa=q.shape[1] != k.shape[1]).contiguous()
+        out = sdpa(*local, is_causal=causal, scale=scale,
+                   enable_gqa=q.shape[1] != k.shape[1]).contiguous()
         shape = torch.Size((*q.shape[:-1], v.shape[-1]))
         return DTensor.from_local(out, self.dmesh, pl, run_check=False, shape=shape,
                                   stride=contiguous_stride(shape))
