@@ -3,27 +3,21 @@ records (:mod:`lowering.schedule`) or formulas (:mod:`lowering.analytic`)."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 import shardlang as sl
 from lowering.parallel.sequence import causal_work
-from lowering.plan import AxisVolume, Plan, describe, describe_pipe, unexplained
+from lowering.plan import AxisVolume, Plan, describe, describe_pipe, human, unexplained
+from lowering.run.train import Step
 from lowering.schedule import RankSchedules, Record, totals
 
 __all__ = ["print_explain", "print_plan", "print_pipeline", "print_schedule", "schedule_table",
-           "group_ranks", "human", "stage_of"]
-
-
-def human(n: float) -> str:
-    """Bytes in B/KiB/MiB/GiB with three significant figures."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1024
-    return f"{n} B"
+           "group_ranks", "human", "stage_of", "StepPrinter"]
 
 
 def group_ranks(s: RankSchedules) -> list[tuple[list[int], list[Record]]]:
@@ -186,3 +180,48 @@ def print_schedule(records: Sequence[Record], mesh: sl.Mesh, *, rank: int = 0,
     console = console or Console()
     s = RankSchedules(mesh, {"name": title}, {rank: list(records)})
     console.print(schedule_table(title or f"Schedule of rank {rank}", records, s, rank))
+
+
+class StepPrinter:
+    """Prints each step: loss, whether the ranks agree, wall time and tokens/s (rank 0's
+    clock); and a summary (median step time after the first, which pays for warm-up)."""
+
+    def __init__(self, steps: int, console: Console, label: str) -> None:
+        self.steps, self.console, self.seen = steps, console, []
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), console=console,
+                                 transient=True)
+        self.task = self.progress.add_task(label, total=steps)
+
+    def __call__(self, s: Step) -> None:
+        self.seen.append(s)
+        losses = s.losses
+        agree = max(losses) - min(losses) < 1e-6
+        ranks = f"({len(losses)} ranks agree)" if agree and len(losses) > 1 else (
+            f"(ranks differ: min {min(losses):.6f} max {max(losses):.6f})" if len(losses) > 1 else "")
+        rate = s.tokens / s.seconds if s.seconds > 0 else float("inf")
+        self.progress.console.print(
+            f"step {s.index + 1:4d}/{self.steps}  loss {losses[0]:.4f} {ranks}  "
+            f"{s.seconds * 1e3:.0f} ms  {rate:,.0f} tok/s", highlight=False)
+        for name, value in s.metrics.items():
+            self.progress.console.print(f"           {name} {_fmt(value)}")
+        self.progress.advance(self.task)
+
+    def summary(self) -> None:
+        if not self.seen:
+            return
+        timed = [s.seconds for s in self.seen[1:]] or [self.seen[0].seconds]
+        med = statistics.median(timed)
+        tokens = self.seen[0].tokens
+        self.console.print(
+            f"{len(self.seen)} steps: median {med * 1e3:.0f} ms/step"
+            f"{' after the first' if len(self.seen) > 1 else ''}, {tokens / med:,.0f} tokens/s "
+            f"({tokens} tokens per step; rank 0's wall clock)", highlight=False)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -25,12 +25,13 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
-from lowering._torch import free_storage, refill_storage, tree_leaves
+from lowering._torch import (free_storage, local_block, refill_storage, storage_blocks,
+                             tree_leaves)
 from lowering.parallel.data import reduce_grad
 from lowering.plan import Plan
 from lowering.schedule import Op, logical, site
 
-__all__ = ["install_at_use", "compute_dtype"]
+__all__ = ["install_at_use", "compute_dtype", "gathered_storages", "gathered_peak"]
 
 
 def compute_dtype(precision: str) -> torch.dtype | None:
@@ -87,10 +88,14 @@ class _Gathers:
         self.owners, self.dtype = owners, dtype
         self.live: dict[int, tuple[DTensor, int]] = {}   # id(param) -> (gathered, uses left)
         self.freed: dict[int, DTensor] = {}              # id(gathered) -> it, freed
+        self.held = self.peak = 0                        # bytes gathered at once (a rank's)
 
     def take(self, p: DTensor, name: str) -> DTensor:
         if id(p) not in self.live:
-            self.live[id(p)] = (_Gather.apply(p, name, self.dtype), self.owners[id(p)])
+            g = _Gather.apply(p, name, self.dtype)
+            self.live[id(p)] = (g, self.owners[id(p)])
+            self.held += _local_bytes(g)
+            self.peak = max(self.peak, self.held)
         return self.live[id(p)][0]
 
     def release(self, p: DTensor, *, keep_for_backward: bool) -> None:
@@ -109,6 +114,7 @@ class _Gathers:
             self._free(g, keep_for_backward)
 
     def _free(self, g: DTensor, keep_for_backward: bool) -> None:
+        self.held -= _local_bytes(g)
         if keep_for_backward:  # autograd saved views of it: free the memory, keep the tensor
             free_storage(g)
             self.freed[id(g)] = g
@@ -118,6 +124,24 @@ class _Gathers:
         (once, whichever of its owners' backward comes first)."""
         if self.freed.pop(id(g), None) is not None:
             refill_storage(g, _all_gather(p, name, self.dtype))
+
+
+def _local_bytes(g: DTensor) -> int:
+    return local_block(g).numel() * g.element_size()
+
+
+def gathered_storages(model: nn.Module) -> set[int]:
+    """The storage identities of ``model``'s FSDP-gathered parameters now in use."""
+    gathers = getattr(model, "_shardlang_gathers", None)
+    if gathers is None:
+        return set()
+    return {key for g, _ in gathers.live.values() for _, key, _ in storage_blocks(g)}
+
+
+def gathered_peak(model: nn.Module) -> int:
+    """The most bytes of FSDP-gathered parameters one rank held at once in a forward."""
+    gathers = getattr(model, "_shardlang_gathers", None)
+    return gathers.peak if gathers is not None else 0
 
 
 def _cast(p: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -148,6 +172,7 @@ def install_at_use(model: nn.Module, plan: Plan | None, dmesh: DeviceMesh | None
     for mod_name, (mod, sharded, cast) in owned.items():
         _wrap(mod, mod_name, sharded, cast, gathers, dtype)
     if owners:
+        model._shardlang_gathers = gathers  # type: ignore[assignment]
         inner: Callable[..., object] = model.forward
 
         @functools.wraps(inner)

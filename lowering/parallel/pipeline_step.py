@@ -63,8 +63,11 @@ def step_in_process(stages: Mapping[int, StageModel],
                     recs: Mapping[int, Recorder | None], pipe: Pipe,
                     idx: list[torch.Tensor], tgt: list[torch.Tensor],
                     active: Callable[[int], contextlib.AbstractContextManager],
-                    tokens: Callable[[], torch.Tensor]) -> StepOut:
-    """Run every pipeline rank's actions in this process (dry and simulate modes)."""
+                    tokens: Callable[[], torch.Tensor], *,
+                    around: Callable[[int, Action], contextlib.AbstractContextManager] | None
+                    = None) -> StepOut:
+    """Run every pipeline rank's actions in this process (dry and simulate modes);
+    ``around(rank, action)`` wraps each action (the memory meter's)."""
     todo = {r: actions(pipe, r) for r in stages}
     pos = dict.fromkeys(stages, 0)
     fwd: dict[tuple[int, int], Chunk] = {}
@@ -161,7 +164,8 @@ def step_in_process(stages: Mapping[int, StageModel],
         for r in todo:
             with active(r):
                 while pos[r] < len(todo[r]) and ready(todo[r][pos[r]]):
-                    do(r, todo[r][pos[r]])
+                    with (around(r, todo[r][pos[r]]) if around else contextlib.nullcontext()):
+                        do(r, todo[r][pos[r]])
                     pos[r] += 1
                     moved = True
         if not moved:

@@ -16,13 +16,14 @@ import torch
 import torch.distributed as dist
 
 import shardlang as sl
-from lowering.plan import AxisVolume, Options, Plan, analytic_volume, lower
+from lowering.plan import AxisVolume, Memory, Options, Plan, analytic_volume, lower
 from lowering.run.guard import CheckMode
 from lowering.run.parity import Parity, check_parity
 from lowering.run.registry import ModelRef, resolve
 from lowering.run.session import Mode, Session, session
 from lowering.run.train import (Checkpointing, StepCallback, TrainConfig, TrainResult,
-                                reference, train, train_pipeline)
+                                reference, train)
+from lowering.run.pipeline_loop import train_pipeline
 from lowering.schedule import RankSchedules, Record
 from models.datasets import ArithmeticSequences, Batches
 
@@ -100,6 +101,7 @@ class Explained:
     schedules: RankSchedules
     analytic: dict[str, AxisVolume]
     traced: list[int]
+    memory: dict[int, Memory] = dataclasses.field(default_factory=dict)  # traced rank -> bytes
 
 
 def traced_ranks(mesh: sl.Mesh, ranks: Sequence[int] | None) -> list[int]:
@@ -112,7 +114,7 @@ def traced_ranks(mesh: sl.Mesh, ranks: Sequence[int] | None) -> list[int]:
     return sorted({r % stage for r in ranks})
 
 
-Traced = tuple[Plan, dict[int, list[Record]], dict[int, torch.nn.Module]]
+Traced = tuple[Plan, dict[int, list[Record]], dict[int, torch.nn.Module], dict[int, Memory]]
 
 
 def _dry_trace(layout: Layout, rank: int, data: Batches, model: torch.nn.Module | None = None,
@@ -121,16 +123,17 @@ def _dry_trace(layout: Layout, rank: int, data: Batches, model: torch.nn.Module 
     # a trace distributes the model in place: each traced rank gets a fresh meta build
     model = model or layout.model.build(seed=layout.seed, meta=True)
     plan = layout.plan(model)
-    cfg = layout.config(plan, model, steps=1, vocab=data.vocab_size)
+    cfg = layout.config(plan, model, steps=1, vocab=data.vocab_size, memory=True)
     with session(layout.mesh, Mode.DRY, rank=rank) as sess:
         models = {0: model} | {r: layout.model.build(seed=layout.seed, meta=True)
                                for r in range(1, layout.mesh.pp)}
         if watch is not None:
             watch(models, sess)
         if plan.pipe is None:
-            return plan, {0: train(model, plan, sess, data, cfg).records}, {0: model}
+            result = train(model, plan, sess, data, cfg)
+            return plan, {0: result.records}, {0: model}, result.memory
         result = train_pipeline(models, plan, sess, data, cfg)
-    return plan, result.stage_records, models
+    return plan, result.stage_records, models, result.memory
 
 
 def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
@@ -147,9 +150,10 @@ def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
     traces: dict[int, dict[int, list[Record]]] = {}
     stage = layout.mesh.size // layout.mesh.pp
     first, *rest = traced_ranks(layout.mesh, want)
-    plan, traces[first], models = _dry_trace(layout, first, data, fresh, watch)
+    plan, traces[first], models, memory = _dry_trace(layout, first, data, fresh, watch)
     for r in rest:
-        _, traces[r], _ = _dry_trace(layout, r, data)
+        _, traces[r], _, more = _dry_trace(layout, r, data)
+        memory.update(more)
     shown = want[0] // stage  # the totals compare the first asked-for rank's stage
     model = models[shown]
     batch, seq = layout.shapes(model)
@@ -158,7 +162,8 @@ def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
                            for r in want})
     traced = sorted(pp * stage + r for r in traces for pp in range(layout.mesh.pp))
     return Explained(plan, sched, analytic_volume(plan, model, batch=batch, seq=seq,
-                                                  pp_rank=shown), traced)
+                                                  pp_rank=shown), traced,
+                     {r: memory[r] for r in want if r in memory})
 
 
 def gather_records(records: list[Record], world: int) -> dict[int, list[Record]]:
@@ -170,10 +175,12 @@ def gather_records(records: list[Record], world: int) -> dict[int, list[Record]]
 
 def simulate(layout: Layout, *, steps: int = 1, check: bool = False, data: Batches | None = None,
              lr: float = 3e-3, on_step: StepCallback | None = None,
-             checkpoint: Checkpointing | None = None) -> tuple[TrainResult, Parity | None]:
-    """Simulate mode: every rank in this process; with ``check``, compare with one device."""
+             checkpoint: Checkpointing | None = None, memory: bool = False,
+             ) -> tuple[TrainResult, Parity | None]:
+    """Simulate mode: every rank in this process; with ``check``, compare with one device;
+    with ``memory``, count step 0's bytes per rank (``result.memory``, measured)."""
     return train_layout(layout, Mode.SIMULATE, steps=steps, check=check, data=data, lr=lr,
-                        on_step=on_step, checkpoint=checkpoint)
+                        on_step=on_step, checkpoint=checkpoint, memory=memory)
 
 
 def run(layout: Layout, *, steps: int = 1, check: bool = False, data: Batches | None = None,
@@ -201,7 +208,7 @@ def train_layout(layout: Layout, mode: Mode, *, steps: int, check: bool = False,
                  data: Batches | None = None, lr: float = 3e-3,
                  on_step: StepCallback | None = None, watch: Watch | None = None,
                  check_collectives: CheckMode = CheckMode.FIRST,
-                 checkpoint: Checkpointing | None = None,
+                 checkpoint: Checkpointing | None = None, memory: bool = False,
                  ) -> tuple[TrainResult, Parity | None]:
     """Train ``layout`` for ``steps`` in simulate or run mode (``watch`` sees every stage
     model and the session before the first step: :func:`lowering.debug.inspect` hooks it)."""
@@ -216,7 +223,7 @@ def train_layout(layout: Layout, mode: Mode, *, steps: int, check: bool = False,
     data = data or ArithmeticSequences(layout.model.vocab_size(model))
     cfg = layout.config(plan, model, steps=steps, lr=lr, keep_grads=check,
                         check_collectives=check_collectives, vocab=data.vocab_size,
-                        checkpoint=checkpoint)
+                        checkpoint=checkpoint, memory=memory)
     if checkpoint is not None and plan.pipe is not None:
         raise sl.ShardingError(
             f"--checkpoint with a pipeline ({layout.mesh!r}): the built-in loop saves "

@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -23,19 +22,16 @@ from lowering._torch import host_values, implicit_replication, rank_values
 from lowering.parallel import DTensorContext, distribute_model
 from lowering.parallel.data import install_grad_sync
 from lowering.parallel.fsdp import compute_dtype, install_at_use
-from lowering.parallel.pipeline import StageModel, sum_shared_grads
-from lowering.parallel.pipeline_step import (dummy_tokens, funcol_all_reduce,
-                                             in_process_all_reduce, reduce_grads,
-                                             step_in_process, step_torch)
 from lowering.parallel.tensor import LocalOps, logits_of, loss_scope, next_token_loss
-from lowering.plan import Plan, Slot, bubble_of, grad_buckets, microbatch_rows
+from lowering.plan import Memory, Plan, grad_buckets, microbatch_rows
 from lowering.run import checkpoint
 from lowering.run.guard import CheckMode, CollectiveGuard
+from lowering.run.memory import MemoryMeter
 from lowering.run.session import Mode, Session, group_axes
 from lowering.schedule import Phase, Record, Recorder
 from models.datasets import Batches
 
-__all__ = ["TrainConfig", "Checkpointing", "TrainResult", "StepCallback", "Step", "train", "train_pipeline",
+__all__ = ["TrainConfig", "Checkpointing", "TrainResult", "StepCallback", "Step", "train",
            "reference"]
 
 
@@ -53,6 +49,7 @@ class TrainConfig:
     vocab: int | None = None  # the data's vocabulary, checked against the logits
     precision: str = "fp32"   # the single-device reference casts as the layout does
     checkpoint: Checkpointing | None = None  # --checkpoint DIR --save-every N --resume
+    memory: bool = False      # count step 0's bytes per rank (lowering.run.memory)
 
 
 @dataclass(frozen=True)
@@ -87,6 +84,7 @@ class TrainResult:
     bubble: list[float] = field(default_factory=list)  # run mode, pp > 1: measured, per step
     rank_records: dict[int, list[Record]] = field(default_factory=dict)  # run mode: every rank
     seconds: list[float] = field(default_factory=list)  # wall clock per step (this process)
+    memory: dict[int, Memory] = field(default_factory=dict)  # cfg.memory: global rank -> bytes
 
 
 def _values(t: torch.Tensor, world: int) -> list[torch.Tensor]:
@@ -130,6 +128,7 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
     elif plan is None:
         install_at_use(model, None, None, dtype=compute_dtype(cfg.precision))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=True)
+    meter = MemoryMeter({0: model}, ranks=world, dry=dry) if cfg.memory and sess else None
     result = TrainResult()
     ck = cfg.checkpoint if not dry else None
     holder = _Holder(model, sess.mesh if sess else sl.Mesh(), _mode_name(sess),
@@ -140,6 +139,7 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
         idx, tgt = _batch(data, step, cfg, ctx, dry=dry)
         rec = recorder if step == 0 else _checker(sess, cfg, ctx)
         live[0] = rec
+        m = meter if step == first else None
         with _recording(rec), _active(ctx, rec):
             if ctx is not None:
                 idx = ctx.constrain(idx, ("batch", "seq"))
@@ -147,12 +147,16 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
             if plan is None and cfg.microbatches > 1:
                 loss, reported = _accumulate(model, idx, tgt, cfg)
             else:
-                loss, reported = _forward_backward(model, idx, tgt, cfg, rec)
+                loss, reported = _forward_backward(model, idx, tgt, cfg, rec, m)
+        if m is not None:
+            m.after_backward()
         if step == 0 and cfg.keep_grads and not dry:
             result.grads = {n: _values(p.grad, world) for n, p in model.named_parameters()
                             if p.grad is not None}
         with _recording(rec), (rec.site("optimizer", Phase.OPTIMIZER) if rec else _null()):
             opt.step()
+            if m is not None:
+                m.after_optimizer(opt)
             opt.zero_grad(set_to_none=True)
         if not dry:
             losses = [float(v) for v in _values(loss, world)]
@@ -163,6 +167,10 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
                             optimizer=opt)
     if recorder is not None:
         result.records = recorder.records
+    if meter is not None and sess is not None:
+        result.memory = meter.report(plan, {0: result.records},  # type: ignore[arg-type]
+                                     first_rank=0 if world > 1 else sess.rank % sess.stage_world,
+                                     stage_world=sess.stage_world)
     return result
 
 
@@ -187,14 +195,18 @@ def _batch(data: Batches, step: int, cfg: TrainConfig, ctx: DTensorContext | Non
 
 
 def _forward_backward(model: nn.Module, idx: torch.Tensor, tgt: torch.Tensor, cfg: TrainConfig,
-                      rec: Recorder | None) -> tuple[torch.Tensor, sl.Collected]:
-    with sl.collecting() as reported:
-        logits = logits_of(model(idx))
-    with loss_scope(logits):
-        with (rec.site("loss") if rec else _null()):
+                      rec: Recorder | None, meter: MemoryMeter | None = None
+                      ) -> tuple[torch.Tensor, sl.Collected]:
+    with (meter.saving() if meter else _null()):
+        with sl.collecting() as reported:
+            logits = logits_of(model(idx))
+        with loss_scope(logits), (rec.site("loss") if rec else _null()):
             loss = next_token_loss(logits, tgt, vocab=cfg.vocab)
             aux = reported.total_aux()
             total = loss if aux is None else loss + aux
+    if meter is not None:
+        meter.sample()
+    with loss_scope(logits):
         total.backward()
     return loss, reported
 
@@ -275,117 +287,3 @@ def _active(ctx: DTensorContext | None, rec: Recorder | None) -> Iterator[None]:
 @contextlib.contextmanager
 def _null() -> Iterator[None]:
     yield
-
-
-def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, data: Batches,
-                   cfg: TrainConfig, *, on_step: StepCallback | None = None) -> TrainResult:
-    """:func:`train` for a pipelined plan. ``models`` maps a pipeline coordinate to that
-    rank's model: every coordinate in dry and simulate modes (run in schedule order in
-    this process), this process's own in run mode."""
-    pipeline = plan.pipeline
-    if pipeline is None:
-        raise sl.ShardingError("train_pipeline needs a plan with pp > 1")
-    pipe = pipeline.pipe
-    run, dry = sess.mode is Mode.RUN, sess.mode is Mode.DRY
-    local = sess.stage_world if sess.mode is Mode.SIMULATE else 1
-    stages = {r: StageModel(m, plan, pipeline, r) for r, m in models.items()}
-    recs = {r: _guarded(Recorder(group_axes(sess)), sess, cfg) for r in stages}
-    ctxs: dict[int, DTensorContext | None] = {}
-    opts = {}
-    for r, st in stages.items():
-        if sess.dmesh is not None:
-            distribute_model(st.model, plan, sess.dmesh)
-        st.dmesh = sess.dmesh
-        ctxs[r] = DTensorContext(plan, sess.dmesh, recs[r]) if sess.dmesh is not None else None
-        opts[r] = torch.optim.AdamW(st.model.parameters(), lr=cfg.lr, foreach=True)
-    m = pipe.microbatches
-    rows = microbatch_rows(cfg.batch, plan.batch_ways, m)
-    tokens = dummy_tokens((cfg.batch // m, cfg.seq), "meta" if dry else sess.device)
-    result = TrainResult()
-
-    def constrain(r: int) -> Callable[[torch.Tensor, sl.Axes], torch.Tensor]:
-        ctx = ctxs[r]
-        return ctx.constrain if ctx is not None else (lambda x, axes: x)
-
-    for step in range(cfg.steps):
-        t0 = time.perf_counter()
-        idx, tgt = _batch(data, step, cfg, next(iter(ctxs.values())), dry=dry, rows=rows)
-        if run and sess.device != "cpu":
-            idx, tgt = idx.to(sess.device), tgt.to(sess.device)
-        live = {r: (recs[r] if step == 0 else _checker(sess, cfg, None)) for r in stages}
-
-        @contextlib.contextmanager
-        def active(r: int) -> Iterator[None]:
-            with _recording(live[r]), _active(ctxs[r], live[r]):
-                yield
-
-        if run:
-            (r, st), = stages.items()
-            with active(r):
-                out = step_torch(st, ctxs[r], live[r], pipe, idx, tgt, sess.pp_group,
-                                 torch.device(sess.device), tokens, constrain(r))
-                reduce_grads(st, pipe, live[r])
-                sum_shared_grads(st, funcol_all_reduce(sess.pp_group), live[r])
-        else:
-            out = step_in_process(stages, {r: constrain(r) for r in stages}, live, pipe,
-                                  list(idx.chunk(m)), list(tgt.chunk(m)), active, tokens)
-            for r, st in stages.items():
-                with active(r):
-                    reduce_grads(st, pipe, live[r])
-            reduce = in_process_all_reduce(stages, live, pipe.pp)
-            for r, st in stages.items():
-                with active(r):
-                    sum_shared_grads(st, reduce(r), live[r])
-        if step == 0 and cfg.keep_grads and not dry:
-            result.grads = _stage_grads(stages, local, sess)
-        for r, st in stages.items():
-            with active(r), (live[r].site("optimizer", Phase.OPTIMIZER) if live[r] else _null()):
-                opts[r].step()
-                opts[r].zero_grad(set_to_none=True)
-        if dry:
-            continue
-        losses = _pipeline_losses(out.losses, m, local, sess)
-        # the first microbatch's sl.metric values (those of layers this process runs)
-        metrics = {k: _values(v, local)[0].tolist() for k, v in out.metrics.items()}
-        if run:
-            result.bubble.append(_measured_bubble(out.slots, pipe.pp, sess))
-        _finish(result, step, losses, metrics, t0, cfg, on_step)
-    result.stage_records = {r: recs[r].records for r in stages}
-    result.records = result.stage_records[min(stages)]
-    return result
-
-
-def _stage_grads(stages: Mapping[int, StageModel], local: int, sess: Session
-                 ) -> dict[str, list[torch.Tensor | None]]:
-    """name -> one entry per rank (None where that rank's stage does not hold it)."""
-    world = local * sess.mesh.pp if sess.mode is Mode.SIMULATE else 1
-    out: dict[str, list[torch.Tensor | None]] = {}
-    for r, st in stages.items():
-        for name, p in st.model.named_parameters():
-            if p.grad is None:
-                continue
-            slot = out.setdefault(name, [None] * world)
-            for i, v in enumerate(_values(p.grad, local)):
-                slot[r * local + i if world > 1 else 0] = v
-    return out
-
-
-def _pipeline_losses(losses: list[torch.Tensor], m: int, local: int, sess: Session) -> list[float]:
-    """The step's loss (mean over microbatches) for every rank; in run mode the last
-    stage's value, broadcast over pp."""
-    if sess.mode is not Mode.RUN:
-        mean = [sum(float(_values(x, local)[i]) for x in losses) / m for i in range(local)]
-        return [mean[g % local] for g in range(sess.mesh.size)]
-    value = sum(float(_values(x, 1)[0]) for x in losses) / m if losses else 0.0
-    t = torch.tensor([value], dtype=torch.float64, device=sess.device)
-    pp, s = sess.mesh.pp, sess.stage_world
-    src = sess.rank % s + (pp - 1) * s
-    dist.broadcast(t, src=src, group=sess.pp_group)
-    return [float(t.item())]
-
-
-def _measured_bubble(slots: list[Slot], pp: int, sess: Session) -> float:
-    """Idle fraction of the pipeline from every pp rank's compute timestamps."""
-    gathered: list[list] = [[] for _ in range(pp)]
-    dist.all_gather_object(gathered, slots, group=sess.pp_group)
-    return bubble_of([s for part in gathered for s in part], pp)

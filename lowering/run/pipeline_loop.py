@@ -1,0 +1,156 @@
+"""The training loop of a pipelined plan (:func:`lowering.run.train.train`'s, for pp > 1):
+every pipeline rank's actions in this process (dry and simulate modes), or this process's
+own stage under ``torch.distributed.pipelining`` (run mode)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import shardlang as sl
+from lowering.parallel import DTensorContext, distribute_model
+from lowering.parallel.pipeline import StageModel, sum_shared_grads
+from lowering.parallel.pipeline_step import (dummy_tokens, funcol_all_reduce,
+                                             in_process_all_reduce, reduce_grads,
+                                             step_in_process, step_torch)
+from lowering.plan import Plan, Slot, bubble_of, microbatch_rows
+from lowering.run.memory import MemoryMeter
+from lowering.run.session import Mode, Session, group_axes
+from lowering.run.train import (StepCallback, TrainConfig, TrainResult, _active, _batch,
+                                _checker, _finish, _guarded, _null, _recording, _values)
+from lowering.schedule import Phase, Recorder
+from models.datasets import Batches
+
+__all__ = ["train_pipeline"]
+
+
+def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, data: Batches,
+                   cfg: TrainConfig, *, on_step: StepCallback | None = None) -> TrainResult:
+    """:func:`train` for a pipelined plan. ``models`` maps a pipeline coordinate to that
+    rank's model: every coordinate in dry and simulate modes (run in schedule order in
+    this process), this process's own in run mode."""
+    pipeline = plan.pipeline
+    if pipeline is None:
+        raise sl.ShardingError("train_pipeline needs a plan with pp > 1")
+    pipe = pipeline.pipe
+    run, dry = sess.mode is Mode.RUN, sess.mode is Mode.DRY
+    local = sess.stage_world if sess.mode is Mode.SIMULATE else 1
+    stages = {r: StageModel(m, plan, pipeline, r) for r, m in models.items()}
+    recs = {r: _guarded(Recorder(group_axes(sess)), sess, cfg) for r in stages}
+    ctxs: dict[int, DTensorContext | None] = {}
+    opts = {}
+    for r, st in stages.items():
+        if sess.dmesh is not None:
+            distribute_model(st.model, plan, sess.dmesh)
+        st.dmesh = sess.dmesh
+        ctxs[r] = DTensorContext(plan, sess.dmesh, recs[r]) if sess.dmesh is not None else None
+        opts[r] = torch.optim.AdamW(st.model.parameters(), lr=cfg.lr, foreach=True)
+    meter = (MemoryMeter({r: st.model for r, st in stages.items()}, ranks=local, dry=dry)
+             if cfg.memory and not run else None)
+    m = pipe.microbatches
+    rows = microbatch_rows(cfg.batch, plan.batch_ways, m)
+    tokens = dummy_tokens((cfg.batch // m, cfg.seq), "meta" if dry else sess.device)
+    result = TrainResult()
+
+    def constrain(r: int) -> Callable[[torch.Tensor, sl.Axes], torch.Tensor]:
+        ctx = ctxs[r]
+        return ctx.constrain if ctx is not None else (lambda x, axes: x)
+
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        idx, tgt = _batch(data, step, cfg, next(iter(ctxs.values())), dry=dry, rows=rows)
+        if run and sess.device != "cpu":
+            idx, tgt = idx.to(sess.device), tgt.to(sess.device)
+        live = {r: (recs[r] if step == 0 else _checker(sess, cfg, None)) for r in stages}
+        mm = meter if step == 0 else None
+        if mm is not None:
+            mm.inputs(idx, tgt)
+
+        @contextlib.contextmanager
+        def active(r: int) -> Iterator[None]:
+            with _recording(live[r]), _active(ctxs[r], live[r]), (mm.saving(r) if mm else _null()):
+                yield
+
+        if run:
+            (r, st), = stages.items()
+            with active(r):
+                out = step_torch(st, ctxs[r], live[r], pipe, idx, tgt, sess.pp_group,
+                                 torch.device(sess.device), tokens, constrain(r))
+                reduce_grads(st, pipe, live[r])
+                sum_shared_grads(st, funcol_all_reduce(sess.pp_group), live[r])
+        else:
+            out = step_in_process(stages, {r: constrain(r) for r in stages}, live, pipe,
+                                  list(idx.chunk(m)), list(tgt.chunk(m)), active, tokens,
+                                  around=mm.action if mm else None)
+            for r, st in stages.items():
+                with active(r):
+                    reduce_grads(st, pipe, live[r])
+            reduce = in_process_all_reduce(stages, live, pipe.pp)
+            for r, st in stages.items():
+                with active(r):
+                    sum_shared_grads(st, reduce(r), live[r])
+        if step == 0 and cfg.keep_grads and not dry:
+            result.grads = _stage_grads(stages, local, sess)
+        for r, st in stages.items():
+            with active(r), (live[r].site("optimizer", Phase.OPTIMIZER) if live[r] else _null()):
+                if mm is not None:
+                    mm.after_backward(r)
+                opts[r].step()
+                if mm is not None:
+                    mm.after_optimizer(opts[r], r)
+                opts[r].zero_grad(set_to_none=True)
+        if dry:
+            continue
+        losses = _pipeline_losses(out.losses, m, local, sess)
+        # the first microbatch's sl.metric values (those of layers this process runs)
+        metrics = {k: _values(v, local)[0].tolist() for k, v in out.metrics.items()}
+        if run:
+            result.bubble.append(_measured_bubble(out.slots, pipe.pp, sess))
+        _finish(result, step, losses, metrics, t0, cfg, on_step)
+    result.stage_records = {r: recs[r].records for r in stages}
+    result.records = result.stage_records[min(stages)]
+    if meter is not None:
+        result.memory = meter.report(plan, result.stage_records, stage_world=sess.stage_world,
+                                     first_rank=0 if local > 1 else sess.rank % sess.stage_world)
+    return result
+
+
+def _stage_grads(stages: Mapping[int, StageModel], local: int, sess: Session
+                 ) -> dict[str, list[torch.Tensor | None]]:
+    """name -> one entry per rank (None where that rank's stage does not hold it)."""
+    world = local * sess.mesh.pp if sess.mode is Mode.SIMULATE else 1
+    out: dict[str, list[torch.Tensor | None]] = {}
+    for r, st in stages.items():
+        for name, p in st.model.named_parameters():
+            if p.grad is None:
+                continue
+            slot = out.setdefault(name, [None] * world)
+            for i, v in enumerate(_values(p.grad, local)):
+                slot[r * local + i if world > 1 else 0] = v
+    return out
+
+
+def _pipeline_losses(losses: list[torch.Tensor], m: int, local: int, sess: Session) -> list[float]:
+    """The step's loss (mean over microbatches) for every rank; in run mode the last
+    stage's value, broadcast over pp."""
+    if sess.mode is not Mode.RUN:
+        mean = [sum(float(_values(x, local)[i]) for x in losses) / m for i in range(local)]
+        return [mean[g % local] for g in range(sess.mesh.size)]
+    value = sum(float(_values(x, 1)[0]) for x in losses) / m if losses else 0.0
+    t = torch.tensor([value], dtype=torch.float64, device=sess.device)
+    pp, s = sess.mesh.pp, sess.stage_world
+    src = sess.rank % s + (pp - 1) * s
+    dist.broadcast(t, src=src, group=sess.pp_group)
+    return [float(t.item())]
+
+
+def _measured_bubble(slots: list[Slot], pp: int, sess: Session) -> float:
+    """Idle fraction of the pipeline from every pp rank's compute timestamps."""
+    gathered: list[list] = [[] for _ in range(pp)]
+    dist.all_gather_object(gathered, slots, group=sess.pp_group)
+    return bubble_of([s for part in gathered for s in part], pp)
