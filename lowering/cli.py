@@ -12,26 +12,25 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn
 
 import shardlang as sl
 from lowering._torch import quiet_dtensor_warnings
 from lowering.bench.command import add_bench_parser, cmd_bench
 from lowering.debug import (describe_value, divergences, inspect, print_divergences,
-                            print_inspection, print_ranks, sharding_of, show_sharding)
+                            print_inspection, print_memory, print_memory_check, print_ranks,
+                            sharding_of, show_sharding)
 from lowering.plan import Options, Schedule, describe_pipe, option_fields
-from lowering.printer import print_explain
+from lowering.printer import StepPrinter, print_explain
 from lowering.run import CheckMode, Layout, Parity, explain, resolve, run, simulate
 from lowering.run.launch import launch_torchrun, report_worker_error
 from lowering.run.scripts import TORCHRUN_FLAGS, is_script, run_script, simulate_script
 from lowering.run.session import device_and_backend, process_group_closed, under_torchrun
-from lowering.run.train import Checkpointing, Step
+from lowering.run.train import Checkpointing
 from lowering.schedule import RankSchedules, schedule_json
 from models import PRESETS
 from models.datasets import Batches, ByteText
@@ -107,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="every rank's schedule; exit 4 if ranks would hang")
     e.add_argument("--json", action="store_true",
                    help="one JSON object: mesh, world_size, model, ranks (each rank's "
-                        "collectives), totals, analytic")
+                        "collectives), totals, analytic, memory (each rank's bytes)")
     e.add_argument("--terms", action="store_true", help="list every analytic term")
     e.add_argument("--show", metavar="NAME", action="append", default=[],
                    help="show which rank holds which block of a parameter (e.g. "
@@ -126,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --inspect under a pipeline: which microbatch (default 0)")
     s.add_argument("--rank", type=int, default=None, metavar="R",
                    help="with --inspect: only rank R")
+    s.add_argument("--memory", action="store_true",
+                   help="instead of training: one step that counts the bytes every rank "
+                        "holds (parameters, gradients, optimizer state, activations saved "
+                        "for backward, buffers) beside explain's prediction; exit 1 if they "
+                        "differ (under a pipeline or bf16, by more than 1%%)")
     s.add_argument("--pdb", action="store_true",
                    help="with --inspect: stop in pdb the moment SITE is reached, mid-step, "
                         "with `ins` (ins.values[rank]: every rank's local tensor) in scope")
@@ -188,10 +192,12 @@ def _cmd_explain(args: argparse.Namespace, console: Console) -> int:
             pl = ex.plan.pipeline
             out["pipeline"] = describe_pipe(pl.pipe, pl.n_layers, pl.stack)
         out["divergences"] = [str(d) for d in found]
+        out["memory"] = {str(r): m.json() for r, m in sorted(ex.memory.items())}
         print(json.dumps(out))
     else:
         print_explain(ex.schedules, ex.plan, ex.analytic, console, traced=ex.traced,
                       verbose_terms=args.terms)
+        print_memory(ex.memory, console, pp=layout.mesh.pp, world=layout.mesh.size)
         if len(ex.traced) > 1:
             print_divergences(found, console, checked=len(ex.traced))
     return EXIT_HANG if found else EXIT_OK
@@ -209,51 +215,6 @@ def _report(parity: Parity | None, console: Console) -> int:
     console.print(f"[red]check FAILED[/]: {parity.worst_param} differs by "
                   f"{parity.worst_err:.3e} on rank {parity.worst_rank}")
     return EXIT_CHECK
-
-
-class _StepPrinter:
-    """Prints each step: loss, whether the ranks agree, wall time and tokens/s (rank 0's
-    clock); and a summary (median step time after the first, which pays for warm-up)."""
-
-    def __init__(self, steps: int, console: Console, label: str) -> None:
-        self.steps, self.console, self.seen = steps, console, []
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                 TextColumn("{task.completed}/{task.total}"), console=console,
-                                 transient=True)
-        self.task = self.progress.add_task(label, total=steps)
-
-    def __call__(self, s: Step) -> None:
-        self.seen.append(s)
-        losses = s.losses
-        agree = max(losses) - min(losses) < 1e-6
-        ranks = f"({len(losses)} ranks agree)" if agree and len(losses) > 1 else (
-            f"(ranks differ: min {min(losses):.6f} max {max(losses):.6f})" if len(losses) > 1 else "")
-        rate = s.tokens / s.seconds if s.seconds > 0 else float("inf")
-        self.progress.console.print(
-            f"step {s.index + 1:4d}/{self.steps}  loss {losses[0]:.4f} {ranks}  "
-            f"{s.seconds * 1e3:.0f} ms  {rate:,.0f} tok/s", highlight=False)
-        for name, value in s.metrics.items():
-            self.progress.console.print(f"           {name} {_fmt(value)}")
-        self.progress.advance(self.task)
-
-    def summary(self) -> None:
-        if not self.seen:
-            return
-        timed = [s.seconds for s in self.seen[1:]] or [self.seen[0].seconds]
-        med = statistics.median(timed)
-        tokens = self.seen[0].tokens
-        self.console.print(
-            f"{len(self.seen)} steps: median {med * 1e3:.0f} ms/step"
-            f"{' after the first' if len(self.seen) > 1 else ''}, {tokens / med:,.0f} tokens/s "
-            f"({tokens} tokens per step; rank 0's wall clock)", highlight=False)
-
-
-def _fmt(value: object) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def _script_parser(command: str) -> argparse.ArgumentParser:
@@ -314,7 +275,9 @@ def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
                 f"{layout.mesh!r}")
         print_inspection(ins, console, rank=args.rank)
         return EXIT_OK
-    printer = _StepPrinter(args.steps, console, "simulate")
+    if args.memory:
+        return EXIT_CHECK if print_memory_check(layout, console) else EXIT_OK
+    printer = StepPrinter(args.steps, console, "simulate")
     with printer.progress:
         _, parity = simulate(layout, steps=args.steps, check=args.check, data=_data(args),
                              lr=args.lr, on_step=printer, checkpoint=_checkpointing(args))
@@ -341,7 +304,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str], console: Console) ->
     if args.inspect:
         return _inspect_run(layout, args.inspect)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    printer = _StepPrinter(args.steps, console, "run")
+    printer = StepPrinter(args.steps, console, "run")
     with printer.progress if rank0 else contextlib.nullcontext():
         result, parity = run(layout, steps=args.steps, check=args.check, data=_data(args),
                              lr=args.lr, on_step=printer if rank0 else None,
