@@ -22,9 +22,9 @@ import shardlang as sl
 from lowering._torch import quiet_dtensor_warnings
 from lowering.bench.command import add_bench_parser, cmd_bench
 from lowering.debug import (describe_value, divergences, inspect, print_divergences,
-                            print_inspection, print_memory, print_memory_check, print_ranks,
+                            fit, print_inspection, print_memory, print_memory_check, print_ranks,
                             sharding_of, show_sharding)
-from lowering.plan import Options, Schedule, describe_pipe, option_fields
+from lowering.plan import DEVICES, Options, Schedule, describe_pipe, device, option_fields
 from lowering.printer import StepPrinter, print_explain
 from lowering.run import CheckMode, Layout, Parity, explain, resolve, run, simulate
 from lowering.run.launch import launch_torchrun, report_worker_error
@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one JSON object: mesh, world_size, model, ranks (each rank's "
                         "collectives), totals, analytic, memory (each rank's bytes)")
     e.add_argument("--terms", action="store_true", help="list every analytic term")
+    e.add_argument("--device", metavar="NAME", default=None,
+                   help="say whether each rank's memory fits this device "
+                        f"({', '.join(DEVICES)}; figures and sources in "
+                        "lowering/plan/devices.py)")
     e.add_argument("--show", metavar="NAME", action="append", default=[],
                    help="show which rank holds which block of a parameter (e.g. "
                         "blocks.0.attn.q.weight) or of a module's output (e.g. blocks.0.attn); "
@@ -184,6 +188,7 @@ def _cmd_explain(args: argparse.Namespace, console: Console) -> int:
                       ranks=holders)
     if args.show and not args.all_ranks and args.rank is None:
         return EXIT_OK
+    dev = device(args.device) if args.device else None
     ex = explain(layout, ranks=ranks)
     found = divergences(ex.schedules.ranks, layout.mesh) if len(ex.traced) > 1 else []
     if args.json:
@@ -193,11 +198,13 @@ def _cmd_explain(args: argparse.Namespace, console: Console) -> int:
             out["pipeline"] = describe_pipe(pl.pipe, pl.n_layers, pl.stack)
         out["divergences"] = [str(d) for d in found]
         out["memory"] = {str(r): m.json() for r, m in sorted(ex.memory.items())}
+        if dev is not None:
+            out["device"] = fit(ex.memory, dev)
         print(json.dumps(out))
     else:
         print_explain(ex.schedules, ex.plan, ex.analytic, console, traced=ex.traced,
                       verbose_terms=args.terms)
-        print_memory(ex.memory, console, pp=layout.mesh.pp, world=layout.mesh.size)
+        print_memory(ex.memory, console, pp=layout.mesh.pp, world=layout.mesh.size, dev=dev)
         if len(ex.traced) > 1:
             print_divergences(found, console, checked=len(ex.traced))
     return EXIT_HANG if found else EXIT_OK

@@ -124,3 +124,19 @@ def test_explain_json_and_simulate_memory_on_the_command_line(cli) -> None:
     assert code == 0
     assert "Memory per rank, measured" in out
     assert "predicted = measured for every rank and category, to the byte" in out
+
+
+def test_explain_device_says_whether_it_fits(cli) -> None:
+    code, out, _ = cli("explain", "gpt-tiny", "--mesh", "dp=2", "--device", "h100-80gb",
+                       "--json")
+    assert code == 0
+    d = json.loads(out)
+    peak = max(m["peak"] for m in d["memory"].values())
+    assert d["device"] == {"name": "h100-80gb", "memory": 80 * 10**9, "fits": True,
+                           "largest_peak": peak, "largest_peak_rank": 0}
+    # 7B parameters with AdamW on one 80 GB device: 16 bytes a parameter alone is too much
+    code, out, _ = cli("explain", "gpt-7b", "--mesh", "dp=1", "--device", "a100-80gb")
+    assert code == 0 and "does not fit on a100-80gb: rank 0 needs" in out
+    code, _, err = cli("explain", "gpt-tiny", "--mesh", "dp=2", "--device", "a100")
+    assert code == 2
+    assert "unknown device; the profiles are a100-80gb, h100-80gb, h200, b200, cpu" in err

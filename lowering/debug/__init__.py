@@ -5,7 +5,7 @@ measured (:mod:`.memory`). Run mode's collective check
 lives in :mod:`lowering.run.guard` (run mode installs it) and is re-exported here."""
 
 from lowering.debug.hangs import Divergence, divergences, print_divergences
-from lowering.debug.memory import (memory_mismatches, memory_table, predict_and_measure,
+from lowering.debug.memory import (fit, memory_mismatches, memory_table, predict_and_measure,
                                     print_memory, print_memory_check)
 from lowering.debug.inspect import Inspection, describe_value, inspect, print_inspection
 from lowering.debug.ranks import print_ranks, rank_prefix
@@ -16,4 +16,4 @@ __all__ = ["Block", "blocks", "show_sharding", "sharding_of", "rank_prefix", "pr
            "Inspection", "inspect", "print_inspection", "describe_value", "Divergence",
            "divergences", "print_divergences", "CollectiveGuard", "CollectiveMismatch",
            "memory_table", "print_memory", "print_memory_check", "predict_and_measure",
-           "memory_mismatches"]
+           "memory_mismatches", "fit"]

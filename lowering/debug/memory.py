@@ -13,11 +13,11 @@ from collections.abc import Mapping, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from lowering.plan import CATEGORIES, Memory, human
+from lowering.plan import CATEGORIES, Device, Memory, human
 from lowering.run import Layout, explain, simulate
 
 __all__ = ["predict_and_measure", "memory_table", "print_memory", "print_memory_check",
-           "memory_mismatches", "MEMORY_RTOL"]
+           "memory_mismatches", "MEMORY_RTOL", "fit"]
 
 #: How close measured and predicted bytes come under a pipeline or bf16 (otherwise they
 #: are equal to the byte): a pipeline's dry trace runs one microbatch per chunk and walks
@@ -53,12 +53,33 @@ def memory_table(memory: Mapping[int, Memory], title: str, *, stage_world: int =
     return t
 
 
+def fit(memory: Mapping[int, Memory], dev: Device) -> dict[str, object]:
+    """Whether every rank's peak fits ``dev``'s memory (``explain --device``'s JSON)."""
+    worst = max(memory, key=lambda r: memory[r].peak)
+    need = memory[worst].peak
+    return {"name": dev.name, "memory": int(dev.memory), "fits": need <= dev.memory,
+            "largest_peak": need, "largest_peak_rank": worst}
+
+
 def print_memory(memory: Mapping[int, Memory], console: Console, *, pp: int = 1,
-                 world: int = 1) -> None:
-    """``explain``'s memory table: step 0's bytes per rank, predicted."""
+                 world: int = 1, dev: Device | None = None) -> None:
+    """``explain``'s memory table: step 0's bytes per rank, predicted; with ``dev``,
+    whether the largest fits its memory."""
     console.print(memory_table(
         memory, "Memory per rank, predicted for one training step (bytes held; peak = the "
         "sum, an upper bound)", stage_world=world // pp if pp > 1 else 0))
+    if dev is None or not memory:
+        return
+    f = fit(memory, dev)
+    share = f"{f['largest_peak'] / dev.memory:.0%} of {dev.name}'s {human(dev.memory)}"
+    if f["fits"]:
+        console.print(f"fits on {dev.name}: the largest peak, rank {f['largest_peak_rank']}'s "
+                      f"{human(f['largest_peak'])}, is {share} (before the allocator's "
+                      "fragmentation, workspaces and communication libraries' own buffers)")
+    else:
+        console.print(f"[red]does not fit[/] on {dev.name}: rank {f['largest_peak_rank']} "
+                      f"needs {human(f['largest_peak'])}, {share}; shard more (--fsdp, tp, "
+                      "pp with more microbatches) or shrink the batch")
 
 
 def predict_and_measure(layout: Layout) -> tuple[dict[int, Memory], dict[int, Memory]]:

@@ -6,6 +6,7 @@ from lowering.plan.analytic import AxisVolume, Term, analytic_volume, unexplaine
 from lowering.plan.buckets import BUCKET_BYTES, FIRST_BUCKET_BYTES, GradBucket, grad_buckets
 from lowering.plan.memory import (ADAM_STEP_BYTES, CATEGORIES, Memory, human, in_flight_peak,
                                   state_bytes)
+from lowering.plan.devices import DEVICES, Device, device
 from lowering.plan.meta import KnownValues
 from lowering.plan.lower import ParamPlan, PipelinePlan, Plan, lower
 from lowering.plan.options import Options, Precision, Schedule, check_options, given, option_fields
@@ -24,5 +25,5 @@ __all__ = [
     "microbatch_rows", "BOUNDARY_AXES", "placements", "tensor_axes", "fsdp_dim", "describe",
     "contiguous_stride", "KnownValues", "GradBucket", "grad_buckets", "BUCKET_BYTES",
     "FIRST_BUCKET_BYTES", "AxisVolume", "Term", "analytic_volume", "unexplained",
-    "Memory", "CATEGORIES", "ADAM_STEP_BYTES", "state_bytes", "in_flight_peak", "human",
+    "Memory", "CATEGORIES", "ADAM_STEP_BYTES", "state_bytes", "in_flight_peak", "human", "Device", "DEVICES", "device",
 ]

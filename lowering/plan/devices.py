@@ -1,0 +1,78 @@
+"""Device profiles: data, one entry per device, each figure with its source.
+
+Figures are per GPU (per process for ``cpu``), in SI units: FLOP/s, bytes, bytes/s
+(one direction). ``peak_flops`` is the dense tensor-core peak per dtype (no sparsity).
+``intra_node_bw`` is NVLink's per-GPU bandwidth in one direction (half the
+bidirectional figure datasheets quote); ``inter_node_bw`` the network bandwidth per GPU
+(one NIC per GPU in the reference systems). Mesh axes map onto links in the canonical
+order (tp innermost, then sp, ep, dp, pp): a group whose ranks span at most
+``gpus_per_node`` consecutive ranks talks over NVLink, else over the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import shardlang as sl
+
+__all__ = ["Device", "DEVICES", "device"]
+
+GB, TB, T = 1e9, 1e12, 1e12
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    peak_flops: dict[str, float]   # dtype -> dense FLOP/s
+    memory: float                  # bytes of device memory
+    hbm_bw: float                  # bytes/s
+    intra_node_bw: float           # bytes/s per GPU, one direction
+    inter_node_bw: float           # bytes/s per GPU, one direction
+    gpus_per_node: int
+    sources: tuple[str, ...]
+
+    def peak(self, precision: str) -> float:
+        return self.peak_flops["bf16" if precision == "bf16" else "fp32"]
+
+
+DEVICES: dict[str, Device] = {d.name: d for d in (
+    Device("a100-80gb", {"bf16": 312 * T, "fp32": 19.5 * T}, 80 * GB, 2.039 * TB,
+           300 * GB, 25 * GB, 8,
+           ("NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): BF16 312 TFLOPS dense, "
+            "FP32 19.5 TFLOPS, HBM2e 2,039 GB/s, NVLink 600 GB/s bidirectional",
+            "NVIDIA DGX A100 user guide: 8 GPUs, one 200 Gb/s HDR InfiniBand port per GPU")),
+    Device("h100-80gb", {"bf16": 989 * T, "fp32": 67 * T}, 80 * GB, 3.35 * TB,
+           450 * GB, 50 * GB, 8,
+           ("NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 989 TFLOPS dense (1,979 "
+            "with sparsity), FP32 67 TFLOPS, HBM3 3.35 TB/s, NVLink 900 GB/s bidirectional",
+            "NVIDIA DGX H100 user guide: 8 GPUs, one 400 Gb/s NDR InfiniBand port per GPU")),
+    Device("h200", {"bf16": 989 * T, "fp32": 67 * T}, 141 * GB, 4.8 * TB,
+           450 * GB, 50 * GB, 8,
+           ("NVIDIA H200 Tensor Core GPU datasheet (SXM): BF16 989 TFLOPS dense, FP32 67 "
+            "TFLOPS, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s bidirectional",
+            "NVIDIA DGX H200: 8 GPUs, one 400 Gb/s InfiniBand/Ethernet port per GPU")),
+    Device("b200", {"bf16": 2250 * T, "fp32": 80 * T}, 180 * GB, 8 * TB,
+           900 * GB, 50 * GB, 8,
+           ("NVIDIA HGX B200 datasheet (1,000 W): BF16 2.25 PFLOPS dense (4.5 with "
+            "sparsity), FP32 80 TFLOPS, HBM3e 8 TB/s, NVLink 5 1.8 TB/s bidirectional",
+            "NVIDIA DGX B200 datasheet: 8 GPUs, 1,440 GB of GPU memory in all (180 GB "
+            "each), one 400 Gb/s ConnectX-7 port per GPU")),
+    Device("cpu", {"bf16": 229e9, "fp32": 88e9}, 24 * 2**30, 14.9 * GB,
+           1 * GB, 1 * GB, 2,
+           ("measured on this project's machine (2 cores, 24 GiB) on 2026-12-03, one "
+            "thread per process as shardlang's launcher sets: torch.matmul of 2048x2048 "
+            "matrices, 88 GFLOP/s fp32 and 229 GFLOP/s bf16; copy_ of a 256 MiB tensor, "
+            "14.9 GB/s read + write",
+            "links: gloo over loopback TCP; 1 GB/s is an order of magnitude, not a "
+            "measurement")),
+)}
+
+
+def device(name: str) -> Device:
+    """The profile called ``name``; a clear error listing the known ones."""
+    key = name.strip().lower()
+    if key not in DEVICES:
+        raise sl.ShardingError(
+            f"--device {name!r}: unknown device; the profiles are {', '.join(DEVICES)} "
+            "(lowering/plan/devices.py, each figure with its source)")
+    return DEVICES[key]
