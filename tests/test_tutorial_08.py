@@ -42,8 +42,7 @@ def section(out: str, letter: str) -> str:
     return out[start:start + 1 + nxt.start()] if nxt else out[start:]
 
 
-@pytest.fixture(scope="module")
-def out() -> str:
+def _run_lesson() -> str:
     # three torchrun launches: more than run_tutorial's 120 s on a busy machine
     env = {**os.environ, "NO_COLOR": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "tutorials" / "08_finding_a_hang.py")],
@@ -52,8 +51,7 @@ def out() -> str:
     return ANSI.sub("", proc.stdout)
 
 
-@pytest.mark.torchrun
-def test_one_device_is_fine(out: str) -> None:
+def _one_device_is_fine(out: str) -> None:
     a = section(out, "a")
     for name in ("rank_branch", "uneven"):
         assert (f"{name}: token ids (8, 32) -> logits (8, 32, 64); equals the model without "
@@ -61,8 +59,7 @@ def test_one_device_is_fine(out: str) -> None:
     assert a.count("every gradient finite: True") == 2
 
 
-@pytest.mark.torchrun
-def test_hang_predicted_before_launch(out: str) -> None:
+def _hang_predicted_before_launch(out: str) -> None:
     b = section(out, "b")
     assert "$ python -m lowering explain models.debugging:rank_branch --mesh tp=2 --all-ranks" in b
     assert "collective check: 1 group(s) would hang; the first:" in b
@@ -85,8 +82,7 @@ def _launches(text: str) -> list[tuple[int, float]]:
     return [(int(rc), float(s)) for rc, s in re.findall(r"exit code (-?\d+) after ([\d.]+) s", text)]
 
 
-@pytest.mark.torchrun
-def test_run_refuses_then_the_check_stops_it(out: str) -> None:
+def _run_refuses_then_the_check_stops_it(out: str) -> None:
     c = section(out, "c")
     (rc_refused, _), (rc_run, secs) = _launches(c)
     assert rc_refused == 2
@@ -106,8 +102,7 @@ def test_run_refuses_then_the_check_stops_it(out: str) -> None:
     assert "ChildFailedError" not in c and "Traceback" not in c
 
 
-@pytest.mark.torchrun
-def test_shape_mismatch_predicted_and_caught(out: str) -> None:
+def _shape_mismatch_predicted_and_caught(out: str) -> None:
     d = section(out, "d")
     assert "  " + predicted(UNEVEN_0, UNEVEN_1) in d.splitlines()
     assert "predicted: same op and phase, shapes [8, 32, 32] vs [8, 31, 32]: yes" in d
@@ -118,8 +113,7 @@ def test_shape_mismatch_predicted_and_caught(out: str) -> None:
     assert "  " + caught(1, UNEVEN_1, UNEVEN_0) in lines
 
 
-@pytest.mark.torchrun
-def test_knobs_mechanism_and_check_off(out: str) -> None:
+def _knobs_mechanism_and_check_off(out: str) -> None:
     e = section(out, "e")
     for knob, default in (("run --check-collectives", "first"),
                           ("SHARDLANG_CHECK_TIMEOUT", "60 s"), ("SHARDLANG_TIMEOUT", "120 s"),
@@ -139,3 +133,16 @@ def test_knobs_mechanism_and_check_off(out: str) -> None:
     (rc, secs), = _launches(e)
     assert rc != 0 and secs < OFF_TIMEOUT, (rc, secs)
     assert "disagree at their collective" not in e.split("And with the check off?")[1]
+
+
+@pytest.mark.torchrun
+def test_lesson_08_end_to_end() -> None:
+    """The lesson runs once (three torchrun launches, about a minute); each section's
+    checks follow. One test, not five sharing a module fixture: pytest-xdist would run
+    that fixture once per worker."""
+    out = _run_lesson()
+    _one_device_is_fine(out)
+    _hang_predicted_before_launch(out)
+    _run_refuses_then_the_check_stops_it(out)
+    _shape_mismatch_predicted_and_caught(out)
+    _knobs_mechanism_and_check_off(out)
