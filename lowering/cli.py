@@ -1,4 +1,4 @@
-"""The ``shardlang`` command: explain (dry), simulate, run, bench.
+"""The ``shardlang`` command: explain (dry), simulate, run, bench, plan.
 
 Exit codes: 0 ok; 1 a ``--check`` mismatch; 2 bad input (a ShardingError, one paragraph,
 no traceback); 3 an unexpected failure inside torch (one paragraph; SHARDLANG_DEBUG=1
@@ -20,10 +20,12 @@ from rich.console import Console
 
 import shardlang as sl
 from lowering._torch import quiet_dtensor_warnings
+from lowering.bench.calibrate import add_calibrate_parser, cmd_calibrate
 from lowering.bench.command import add_bench_parser, cmd_bench
-from lowering.debug import (describe_value, divergences, inspect, print_divergences,
-                            fit, print_inspection, print_memory, print_memory_check, print_ranks,
-                            sharding_of, show_sharding)
+from lowering.search import add_plan_parser, cmd_plan
+from lowering.debug import (describe_value, divergences, fit, inspect, print_divergences,
+                            print_inspection, print_memory, print_memory_check,
+                            print_predicted, print_ranks, sharding_of, show_sharding)
 from lowering.plan import DEVICES, Options, Schedule, describe_pipe, device, option_fields
 from lowering.printer import StepPrinter, print_explain
 from lowering.run import CheckMode, Layout, Parity, explain, resolve, run, simulate
@@ -41,12 +43,13 @@ __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_CHECK", "EXIT_BAD_INPUT", "E
 EXIT_OK, EXIT_CHECK, EXIT_BAD_INPUT, EXIT_TORCH, EXIT_HANG = 0, 1, 2, 3, 4
 
 
+_MODEL_HELP = (f"a preset ({', '.join(PRESETS)}), package.module:factory, or a Hugging Face "
+               "model: hf:NAME (a built-in architecture, e.g. hf:llama-3-8b; needs the .[hf] "
+               "extra) or hf:PATH (a folder with config.json and safetensors weights)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL",
-                   help=f"a preset ({', '.join(PRESETS)}), package.module:factory, or a "
-                        "Hugging Face model: hf:NAME (a built-in architecture, e.g. "
-                        "hf:llama-3-8b; needs the .[hf] extra) or hf:PATH (a folder with "
-                        "config.json and safetensors weights)")
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     p.add_argument("--config", default="", metavar="KEY=VALUE,...",
                    help="with hf:MODEL: override config fields, e.g. "
                         "num_hidden_layers=2,hidden_size=64 (runs any architecture tiny)")
@@ -109,9 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "collectives), totals, analytic, memory (each rank's bytes)")
     e.add_argument("--terms", action="store_true", help="list every analytic term")
     e.add_argument("--device", metavar="NAME", default=None,
-                   help="say whether each rank's memory fits this device "
+                   help="predict the step on this device (time, tokens/s, MFU, seconds per "
+                        "mesh axis, bubble) and say whether each rank's memory fits "
                         f"({', '.join(DEVICES)}; figures and sources in "
                         "lowering/plan/devices.py)")
+    e.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
+                   help="with --device: GPUs per node (default the device's); groups within "
+                        "a node talk over NVLink, others over the network")
     e.add_argument("--show", metavar="NAME", action="append", default=[],
                    help="show which rank holds which block of a parameter (e.g. "
                         "blocks.0.attn.q.weight) or of a module's output (e.g. blocks.0.attn); "
@@ -157,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "rank 0's loss per step and, with pp > 1, the measured pipeline "
                         "bubble per step to FILE")
     add_bench_parser(sub, _common)
+    add_plan_parser(sub, _MODEL_HELP)
+    add_calibrate_parser(sub)
     return parser
 
 
@@ -200,11 +209,16 @@ def _cmd_explain(args: argparse.Namespace, console: Console) -> int:
         out["memory"] = {str(r): m.json() for r, m in sorted(ex.memory.items())}
         if dev is not None:
             out["device"] = fit(ex.memory, dev)
+            out["predicted"] = ex.predict(dev, gpus_per_node=args.gpus_per_node).json()
         print(json.dumps(out))
     else:
         print_explain(ex.schedules, ex.plan, ex.analytic, console, traced=ex.traced,
                       verbose_terms=args.terms)
         print_memory(ex.memory, console, pp=layout.mesh.pp, world=layout.mesh.size, dev=dev)
+        if dev is not None:
+            print_predicted(ex.predict(dev, gpus_per_node=args.gpus_per_node), dev,
+                            layout.mesh, console, precision=ex.precision,
+                            gpus_per_node=args.gpus_per_node)
         if len(ex.traced) > 1:
             print_divergences(found, console, checked=len(ex.traced))
     return EXIT_HANG if found else EXIT_OK
@@ -390,6 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _cmd_simulate(args, console)
             if args.command == "bench":
                 return cmd_bench(args, argv, _layout(args), console)
+            if args.command == "plan":
+                return cmd_plan(args, console)
+            if args.command == "calibrate":
+                return cmd_calibrate(args, console)
             return _cmd_run(args, argv, console)
     except sl.ShardingError as e:
         if not report_worker_error(str(e)):  # a torchrun worker hands it to the launcher

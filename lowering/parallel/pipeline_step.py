@@ -35,7 +35,7 @@ from lowering.parallel.data import sync_grads
 from lowering.parallel.pipeline import Chunk, StageModel, p2p_record
 from lowering.parallel.tensor import loss_parallel_needed, loss_scope, next_token_loss
 from lowering.plan import Action, Kind, Pipe, Schedule, Slot, actions
-from lowering.schedule import Op, Phase, Record, Recorder
+from lowering.schedule import Cost, Op, Phase, Record, Recorder
 
 __all__ = ["StepOut", "step_in_process", "step_torch", "reduce_grads", "funcol_all_reduce",
            "in_process_all_reduce", "dummy_tokens"]
@@ -46,6 +46,8 @@ class StepOut:
     losses: list[torch.Tensor] = field(default_factory=list)   # per microbatch (CE only)
     slots: list[Slot] = field(default_factory=list)            # measured (run mode)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # sl.metric, microbatch 0
+    #: dry mode: one microbatch's compute per (pipeline rank, F or B, chunk)
+    costs: dict[tuple[int, Kind, int], Cost] = field(default_factory=dict)
 
 
 def _loss(constrain: Callable[[torch.Tensor, tuple], torch.Tensor], logits: torch.Tensor, tgt: torch.Tensor,
@@ -95,11 +97,15 @@ def step_in_process(stages: Mapping[int, StageModel],
         key = (r, a.kind, a.chunk)
         if dry and rec is not None and a.kind in (Kind.F, Kind.B) and key in traced:
             _replay(r, a, rec, traced[key])
+            rec.add_compute(Phase.FORWARD if a.kind is Kind.F else Phase.BACKWARD,
+                            out.costs.get(key, Cost()))
             return
         start = len(rec.records) if rec else 0
+        before = rec.compute_total() if rec else Cost()
         _do(r, a)
         if dry and rec is not None and a.kind in (Kind.F, Kind.B):
             traced[key] = rec.records[start:]
+            out.costs[key] = rec.compute_total() - before
 
     def _replay(r: int, a: Action, rec: Recorder, records: list) -> None:
         for x in records:

@@ -1,5 +1,5 @@
 """Planning, pure data: spec -> placements -> roles -> :class:`Plan`; the pipeline split
-and its action orders; analytic communication volumes. Never imports ``parallel`` or
+and its action orders; analytic communication volumes; memory and time models. Never imports ``parallel`` or
 ``run``: nothing here executes a model on a mesh."""
 
 from lowering.plan.analytic import AxisVolume, Term, analytic_volume, unexplained
@@ -16,6 +16,7 @@ from lowering.plan.pipeline import (BOUNDARY_AXES, Action, Kind, Pipe, Slot, act
 from lowering.plan.placements import contiguous_stride, describe, fsdp_dim, placements, tensor_axes
 from lowering.plan.roles import Role, tp_role
 from lowering.plan.shapes import ShapeTrace, check_activations, sdpa_as_attention
+from lowering.plan.time import Predicted, collective_seconds, compute_seconds, link_of, predict
 
 __all__ = [
     "Plan", "ParamPlan", "PipelinePlan", "lower", "Options", "Precision", "Schedule", "check_options",
@@ -25,5 +26,7 @@ __all__ = [
     "microbatch_rows", "BOUNDARY_AXES", "placements", "tensor_axes", "fsdp_dim", "describe",
     "contiguous_stride", "KnownValues", "GradBucket", "grad_buckets", "BUCKET_BYTES",
     "FIRST_BUCKET_BYTES", "AxisVolume", "Term", "analytic_volume", "unexplained",
-    "Memory", "CATEGORIES", "ADAM_STEP_BYTES", "state_bytes", "in_flight_peak", "human", "Device", "DEVICES", "device",
+    "Memory", "CATEGORIES", "ADAM_STEP_BYTES", "state_bytes", "in_flight_peak", "human",
+    "Device", "DEVICES", "device", "Predicted", "predict", "collective_seconds",
+    "compute_seconds", "link_of",
 ]

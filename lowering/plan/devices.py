@@ -7,6 +7,19 @@ bidirectional figure datasheets quote); ``inter_node_bw`` the network bandwidth 
 (one NIC per GPU in the reference systems). Mesh axes map onto links in the canonical
 order (tp innermost, then sp, ep, dp, pp): a group whose ranks span at most
 ``gpus_per_node`` consecutive ranks talks over NVLink, else over the network.
+
+The time model's factors, the same for every GPU and not fitted to any training run:
+
+* ``matmul_efficiency`` 0.7: the fraction of the dense peak a large bf16 GEMM of
+  transformer shapes reaches in cuBLAS (public GEMM microbenchmarks on A100 and H100 land
+  between 65% and 80% of the datasheet peak: clocks throttle under load, tiles quantize).
+* ``hbm_efficiency`` 0.8: the fraction of the datasheet HBM bandwidth a streaming kernel
+  reaches (STREAM-like copies on A100/H100 reach 80-90%).
+* latencies per ring step, 2 us over NVLink and 8 us over the network: the order of
+  NCCL's own tuning model (``src/graph/tuning.cc``: base and per-hop latencies of a few
+  microseconds, higher over the network).
+* ``cpu``: its FLOP/s and bandwidth are this machine's measurements (``shardlang
+  calibrate`` measures them again), so its efficiencies are 1.
 """
 
 from __future__ import annotations
@@ -30,6 +43,11 @@ class Device:
     inter_node_bw: float           # bytes/s per GPU, one direction
     gpus_per_node: int
     sources: tuple[str, ...]
+    #: the time model's efficiency factors and link latencies (module docstring)
+    matmul_efficiency: float = 0.7
+    hbm_efficiency: float = 0.8
+    intra_node_latency: float = 2e-6
+    inter_node_latency: float = 8e-6
 
     def peak(self, precision: str) -> float:
         return self.peak_flops["bf16" if precision == "bf16" else "fp32"]
@@ -64,7 +82,8 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
             "matrices, 88 GFLOP/s fp32 and 229 GFLOP/s bf16; copy_ of a 256 MiB tensor, "
             "14.9 GB/s read + write",
             "links: gloo over loopback TCP; 1 GB/s is an order of magnitude, not a "
-            "measurement")),
+            "measurement"), matmul_efficiency=1.0, hbm_efficiency=1.0,
+           intra_node_latency=50e-6, inter_node_latency=50e-6),
 )}
 
 

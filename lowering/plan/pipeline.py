@@ -17,7 +17,7 @@ run record the same sends and receives in the same order.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -203,9 +203,12 @@ class Slot:
     end: float
 
 
-def timeline(pipe: Pipe, *, backward_cost: float = 1.0) -> list[Slot]:
+def timeline(pipe: Pipe, *, backward_cost: float = 1.0,
+             cost: Callable[[int, Action], float] | None = None, hop: float = 0.0) -> list[Slot]:
     """When each compute action would run if a forward of one whole stage took one time
     unit (a chunk 1/v of it) and a backward ``backward_cost`` units; sends are free.
+    With ``cost(rank, action)`` (seconds, the time model's) an action takes that long and
+    an input from another rank arrives ``hop`` seconds after it was produced.
 
     An action starts when its rank is free and its input has arrived."""
     per = 1.0 / pipe.virtual
@@ -228,8 +231,10 @@ def timeline(pipe: Pipe, *, backward_cost: float = 1.0) -> list[Slot]:
                         deps.append((Kind.B, a.chunk + 1, a.microbatch))
                 if any(d not in done for d in deps):
                     break
-                start = max([clock[r]] + [done[d] for d in deps])
-                end = start + per * (1.0 if a.kind is Kind.F else backward_cost)
+                start = max([clock[r]] + [done[d] + (hop if pipe.rank_of(d[1]) != r else 0.0)
+                                          for d in deps])
+                end = start + (cost(r, a) if cost is not None else
+                               per * (1.0 if a.kind is Kind.F else backward_cost))
                 done[(a.kind, a.chunk, a.microbatch)] = end
                 clock[r] = end
                 slots.append(Slot(r, a, start, end))

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 import shardlang as sl
-from lowering.plan import AxisVolume, Memory, Options, Plan, analytic_volume, lower
+from lowering.plan import (AxisVolume, Device, Memory, Options, Plan, Predicted, analytic_volume,
+                           lower, predict)
 from lowering.run.guard import CheckMode
 from lowering.run.parity import Parity, check_parity
 from lowering.run.registry import ModelRef, resolve
@@ -24,7 +25,7 @@ from lowering.run.session import Mode, Session, session
 from lowering.run.train import (Checkpointing, StepCallback, TrainConfig, TrainResult,
                                 reference, train)
 from lowering.run.pipeline_loop import train_pipeline
-from lowering.schedule import RankSchedules, Record
+from lowering.schedule import Cost, RankSchedules, Record
 from models.datasets import ArithmeticSequences, Batches
 
 __all__ = ["Layout", "Explained", "explain", "simulate", "run", "train_layout", "traced_ranks"]
@@ -102,6 +103,17 @@ class Explained:
     analytic: dict[str, AxisVolume]
     traced: list[int]
     memory: dict[int, Memory] = dataclasses.field(default_factory=dict)  # traced rank -> bytes
+    #: the first traced rank's compute: pp coordinate -> (F/B/O, chunk) -> one microbatch's
+    compute: dict[int, dict[tuple[str, int], Cost]] = dataclasses.field(default_factory=dict)
+    stage_records: dict[int, list[Record]] = dataclasses.field(default_factory=dict)  # likewise
+    tokens: int = 0           # the global batch's tokens per step
+    precision: str = "fp32"
+
+    def predict(self, dev: Device, *, gpus_per_node: int | None = None) -> Predicted:
+        """The step's predicted time on ``dev`` (:mod:`lowering.plan.time`)."""
+        return predict(self.plan.mesh, dev, precision=self.precision, compute=self.compute,
+                       records=self.stage_records, pipe=self.plan.pipe, tokens=self.tokens,
+                       gpus_per_node=gpus_per_node)
 
 
 def traced_ranks(mesh: sl.Mesh, ranks: Sequence[int] | None) -> list[int]:
@@ -114,7 +126,7 @@ def traced_ranks(mesh: sl.Mesh, ranks: Sequence[int] | None) -> list[int]:
     return sorted({r % stage for r in ranks})
 
 
-Traced = tuple[Plan, dict[int, list[Record]], dict[int, torch.nn.Module], dict[int, Memory]]
+Traced = tuple[Plan, dict[int, list[Record]], dict[int, torch.nn.Module], TrainResult]
 
 
 def _dry_trace(layout: Layout, rank: int, data: Batches, model: torch.nn.Module | None = None,
@@ -131,9 +143,9 @@ def _dry_trace(layout: Layout, rank: int, data: Batches, model: torch.nn.Module 
             watch(models, sess)
         if plan.pipe is None:
             result = train(model, plan, sess, data, cfg)
-            return plan, {0: result.records}, {0: model}, result.memory
+            return plan, {0: result.records}, {0: model}, result
         result = train_pipeline(models, plan, sess, data, cfg)
-    return plan, result.stage_records, models, result.memory
+    return plan, result.stage_records, models, result
 
 
 def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
@@ -150,10 +162,11 @@ def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
     traces: dict[int, dict[int, list[Record]]] = {}
     stage = layout.mesh.size // layout.mesh.pp
     first, *rest = traced_ranks(layout.mesh, want)
-    plan, traces[first], models, memory = _dry_trace(layout, first, data, fresh, watch)
+    plan, traces[first], models, result = _dry_trace(layout, first, data, fresh, watch)
+    memory = dict(result.memory)
     for r in rest:
         _, traces[r], _, more = _dry_trace(layout, r, data)
-        memory.update(more)
+        memory.update(more.memory)
     shown = want[0] // stage  # the totals compare the first asked-for rank's stage
     model = models[shown]
     batch, seq = layout.shapes(model)
@@ -163,7 +176,8 @@ def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
     traced = sorted(pp * stage + r for r in traces for pp in range(layout.mesh.pp))
     return Explained(plan, sched, analytic_volume(plan, model, batch=batch, seq=seq,
                                                   pp_rank=shown), traced,
-                     {r: memory[r] for r in want if r in memory})
+                     {r: memory[r] for r in want if r in memory}, result.compute,
+                     traces[first], batch * seq, layout.options.precision.value)
 
 
 def gather_records(records: list[Record], world: int) -> dict[int, list[Record]]:

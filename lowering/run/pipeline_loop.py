@@ -18,12 +18,12 @@ from lowering.parallel.pipeline import StageModel, sum_shared_grads
 from lowering.parallel.pipeline_step import (dummy_tokens, funcol_all_reduce,
                                              in_process_all_reduce, reduce_grads,
                                              step_in_process, step_torch)
-from lowering.plan import Plan, Slot, bubble_of, microbatch_rows
+from lowering.plan import Kind, Plan, Slot, bubble_of, microbatch_rows
 from lowering.run.memory import MemoryMeter
 from lowering.run.session import Mode, Session, group_axes
 from lowering.run.train import (StepCallback, TrainConfig, TrainResult, _active, _batch,
                                 _checker, _finish, _guarded, _null, _recording, _values)
-from lowering.schedule import Phase, Recorder
+from lowering.schedule import Cost, Phase, Recorder
 from models.datasets import Batches
 
 __all__ = ["train_pipeline"]
@@ -42,6 +42,8 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
     local = sess.stage_world if sess.mode is Mode.SIMULATE else 1
     stages = {r: StageModel(m, plan, pipeline, r) for r, m in models.items()}
     recs = {r: _guarded(Recorder(group_axes(sess)), sess, cfg) for r in stages}
+    for rec in recs.values():
+        rec.count_compute = dry and cfg.memory
     ctxs: dict[int, DTensorContext | None] = {}
     opts = {}
     for r, st in stages.items():
@@ -56,6 +58,7 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
     rows = microbatch_rows(cfg.batch, plan.batch_ways, m)
     tokens = dummy_tokens((cfg.batch // m, cfg.seq), "meta" if dry else sess.device)
     result = TrainResult()
+    costs: dict = {}
 
     def constrain(r: int) -> Callable[[torch.Tensor, sl.Axes], torch.Tensor]:
         ctx = ctxs[r]
@@ -87,6 +90,8 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
             out = step_in_process(stages, {r: constrain(r) for r in stages}, live, pipe,
                                   list(idx.chunk(m)), list(tgt.chunk(m)), active, tokens,
                                   around=mm.action if mm else None)
+            if step == 0:
+                costs = out.costs
             for r, st in stages.items():
                 with active(r):
                     reduce_grads(st, pipe, live[r])
@@ -113,6 +118,11 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
             result.bubble.append(_measured_bubble(out.slots, pipe.pp, sess))
         _finish(result, step, losses, metrics, t0, cfg, on_step)
     result.stage_records = {r: recs[r].records for r in stages}
+    if dry and cfg.memory:
+        result.compute = {r: {("F" if k is Kind.F else "B", c): cost
+                              for (pr, k, c), cost in costs.items() if pr == r}
+                          | {("O", 0): recs[r].compute.get(Phase.OPTIMIZER, Cost())}
+                          for r in stages}
     result.records = result.stage_records[min(stages)]
     if meter is not None:
         result.memory = meter.report(plan, result.stage_records, stage_world=sess.stage_world,

@@ -28,7 +28,7 @@ from lowering.run import checkpoint
 from lowering.run.guard import CheckMode, CollectiveGuard
 from lowering.run.memory import MemoryMeter
 from lowering.run.session import Mode, Session, group_axes
-from lowering.schedule import Phase, Record, Recorder
+from lowering.schedule import Cost, Phase, Record, Recorder
 from models.datasets import Batches
 
 __all__ = ["TrainConfig", "Checkpointing", "TrainResult", "StepCallback", "Step", "train",
@@ -85,6 +85,8 @@ class TrainResult:
     rank_records: dict[int, list[Record]] = field(default_factory=dict)  # run mode: every rank
     seconds: list[float] = field(default_factory=list)  # wall clock per step (this process)
     memory: dict[int, Memory] = field(default_factory=dict)  # cfg.memory: global rank -> bytes
+    #: dry mode with cfg.memory: pp coordinate -> (F/B/O, chunk) -> one microbatch's compute
+    compute: dict[int, dict[tuple[str, int], Cost]] = field(default_factory=dict)
 
 
 def _values(t: torch.Tensor, world: int) -> list[torch.Tensor]:
@@ -119,6 +121,8 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
     world = sess.world if sess and sess.mode is Mode.SIMULATE else 1
     dry = sess is not None and sess.mode is Mode.DRY
     recorder = _guarded(Recorder(group_axes(sess)), sess, cfg) if sess else None
+    if recorder is not None:
+        recorder.count_compute = dry and cfg.memory
     ctx = None
     live: list[Recorder | None] = [recorder]  # the running step's recorder, for the grad hooks
     if plan is not None and dmesh is not None:
@@ -167,6 +171,11 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
                             optimizer=opt)
     if recorder is not None:
         result.records = recorder.records
+        if recorder.count_compute:
+            c = recorder.compute
+            result.compute = {0: {("F", 0): c.get(Phase.FORWARD, Cost()),
+                                  ("B", 0): c.get(Phase.BACKWARD, Cost()),
+                                  ("O", 0): c.get(Phase.OPTIMIZER, Cost())}}
     if meter is not None and sess is not None:
         result.memory = meter.report(plan, {0: result.records},  # type: ignore[arg-type]
                                      first_rank=0 if world > 1 else sess.rank % sess.stage_world,

@@ -2,8 +2,8 @@
 logs every collective a rank issues in one step (:mod:`.recorder`)."""
 
 from lowering.schedule.recorder import CollectiveCheck, Recorder, logical, site
-from lowering.schedule.records import (Op, Phase, RankSchedules, Record, schedule_json, totals,
+from lowering.schedule.records import (Cost, Op, Phase, RankSchedules, Record, schedule_json, totals,
                                        wire_bytes)
 
-__all__ = ["Phase", "Op", "Record", "RankSchedules", "wire_bytes", "schedule_json", "totals",
-           "Recorder", "CollectiveCheck", "site", "logical"]
+__all__ = ["Phase", "Op", "Record", "Cost", "RankSchedules", "wire_bytes", "schedule_json",
+           "totals", "Recorder", "CollectiveCheck", "site", "logical"]

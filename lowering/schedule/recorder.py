@@ -1,4 +1,5 @@
-"""The recorder: a ``TorchDispatchMode`` that logs every collective one rank issues.
+"""The recorder: a ``TorchDispatchMode`` that logs every collective one rank issues (and,
+when asked, the compute of every other op: FLOPs and bytes per phase, for the prediction).
 
 It sees every functional collective DTensor and our explicit collectives issue
 (DTensor-level ops are handed back with ``NotImplemented`` so DTensor desugars them into
@@ -18,8 +19,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from lowering._torch import (TorchDispatchMode, in_backward, is_functional_collective,
-                             is_higher_order, module_tracker, op_name, tracker_snapshot)
-from lowering.schedule.records import Op, Phase, Record
+                             is_higher_order, module_tracker, op_cost, op_name, tracker_snapshot)
+from lowering.schedule.records import Cost, Op, Phase, Record
 
 __all__ = ["Recorder", "CollectiveCheck", "site", "logical", "running_module"]
 
@@ -89,6 +90,9 @@ class Recorder(TorchDispatchMode):
         self._phase: list[Phase] = []
         self.guard: CollectiveCheck | None = None  # run mode's collective check
         self._paused = 0
+        #: with ``count_compute`` (dry mode's prediction): this rank's compute per phase
+        self.count_compute = False
+        self.compute: dict[Phase, Cost] = {}
 
     # -- context --------------------------------------------------------------
     @contextlib.contextmanager
@@ -164,7 +168,23 @@ class Recorder(TorchDispatchMode):
             name = op_name(func)
             if name in self._RECORDED and not self._paused:
                 self._record(name, args)
-        return func(*args, **kwargs)
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if self.count_compute and not self._paused and not types:  # plain tensors only:
+            # a subclass here (DTensor's FakeTensor sharding propagation) is not compute
+            flops, nbytes, causal = op_cost(func, args, kwargs, out)
+            if flops or nbytes:
+                ph = self.current_phase()
+                self.compute[ph] = self.compute.get(ph, Cost()) + Cost(
+                    flops, nbytes, flops if causal else 0)
+        return out
+
+    def compute_total(self) -> Cost:
+        return sum(self.compute.values(), Cost())
+
+    def add_compute(self, phase: Phase, cost: Cost) -> None:
+        """Add a replayed action's compute (a dry pipeline traces one microbatch)."""
+        self.compute[phase] = self.compute.get(phase, Cost()) + cost
 
     def _record(self, name: str, args: Sequence[object]) -> None:
         x = args[0]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import shardlang as sl
 from shardlang.errors import choice
 
-__all__ = ["Phase", "Op", "Record", "RankSchedules", "wire_bytes", "schedule_json", "totals"]
+__all__ = ["Phase", "Op", "Record", "Cost", "RankSchedules", "wire_bytes", "schedule_json", "totals"]
 
 
 class Phase(enum.Enum):
@@ -29,6 +29,31 @@ class Phase(enum.Enum):
     def parse(cls, name: str | Phase) -> Phase:
         """``"forward"`` -> ``Phase.FORWARD``; anything else is a ShardingError."""
         return choice(cls, name, what="phase", keyword="phase", flag="--phase")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Compute one rank spends in part of a step, counted on its own tensors (dry mode):
+    ``flops`` of ops with a FLOP formula (matmuls, fused attention; a causal mask not
+    discounted, as the usual 6ND-style counts do), of which ``attention_flops`` in causal
+    fused attention kernels (they skip the masked half), and ``bytes`` read and written by
+    the other ops (elementwise, norms, copies, the optimizer's updates; views and
+    allocations are free)."""
+
+    flops: float = 0.0
+    bytes: float = 0.0
+    attention_flops: float = 0.0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.flops + other.flops, self.bytes + other.bytes,
+                    self.attention_flops + other.attention_flops)
+
+    def __sub__(self, other: Cost) -> Cost:
+        return Cost(self.flops - other.flops, self.bytes - other.bytes,
+                    self.attention_flops - other.attention_flops)
+
+    def scaled(self, k: float) -> Cost:
+        return Cost(self.flops * k, self.bytes * k, self.attention_flops * k)
 
 
 class Op(enum.Enum):

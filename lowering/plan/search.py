@@ -1,0 +1,221 @@
+"""The layout search's pure half: enumerate every layout of ``world`` ranks, prune by
+divisibility, and estimate each one's memory and step time from formulas (no trace).
+
+``shardlang plan`` (:mod:`lowering.search`) ranks every candidate by :func:`estimate`,
+then traces the best ones in dry mode and ranks those by the traced prediction, the one
+``explain --device`` prints. The estimate only decides which layouts are worth a trace:
+
+* compute: one single-device trace of one row (:class:`ModelProfile`), times the rows a
+  rank runs, split evenly over the ranks of a pipeline stage (tp, sp and ep split the
+  work of the rows dp gives them); the optimizer over the rank's share of the parameters.
+* collectives, per layer and microbatch: tp two all-reduces of the hidden state forward
+  and two backward (Megatron); sp ``sp - 1`` permutes of K and V each way; ep two
+  all-to-alls of the routed tokens each way; dp the gradient all-reduce in 25 MiB buckets,
+  or FSDP's all-gather (twice, per parameter and microbatch) and reduce-scatter of the
+  parameters; pp a send of the hidden state per microbatch and boundary, and the sum over
+  pp of the gradients of what every stage holds (embeddings, final norm, head).
+* memory: parameters, gradients and AdamW state of the rank's share, the single-device
+  trace's activations per row times the rows a stage holds in flight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import shardlang as sl
+from lowering.plan.buckets import BUCKET_BYTES
+from lowering.plan.devices import Device
+from lowering.plan.pipeline import Pipe, Schedule
+from lowering.plan.time import Item, Predicted, collective_seconds, predict_items
+from lowering.schedule.records import Cost, Op, Phase, Record
+
+__all__ = ["ModelProfile", "Candidate", "candidates", "estimate", "divisors_of"]
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the estimate needs to know of a model, from one single-device dry trace."""
+
+    params: int             # parameters (numel; tied ones once)
+    outside_params: int     # of which outside the layer stack (every pipeline stage's)
+    tensors: int            # parameter tensors (FSDP gathers each one)
+    outside_tensors: int    # of which outside the layer stack
+    expert_params: int      # of which in experts (split over ep)
+    experts: int            # experts per MoE layer (0: dense)
+    layers: int             # the layer stack's length
+    hidden: int             # the residual stream's width
+    heads: int              # attention heads (0: unknown)
+    batch: int              # global batch rows per step
+    seq: int
+    forward: Cost           # one row's forward on one device
+    backward: Cost
+    optimizer: Cost         # one optimizer step over every parameter
+    activations: int        # bytes saved for backward by one row's forward
+    compute_bytes: int      # bytes per element of the compute dtype (bf16: 2)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    mesh: sl.Mesh
+    fsdp: bool = False
+    microbatches: int = 1
+    schedule: str = "none"     # none (pp = 1), 1f1b, interleaved
+    virtual: int = 1
+    recompute: str = "none"
+
+    def options(self) -> dict[str, object]:
+        """Layout keywords (``Layout.of(model, mesh, **options)``)."""
+        out: dict[str, object] = {"fsdp": self.fsdp}
+        if self.mesh.pp > 1:
+            out |= {"microbatches": self.microbatches, "schedule": self.schedule}
+            if self.schedule == "interleaved":
+                out["virtual"] = self.virtual
+        return out
+
+    @property
+    def pipe(self) -> Pipe | None:
+        if self.mesh.pp == 1:
+            return None
+        return Pipe(Schedule.parse(self.schedule), self.mesh.pp, self.microbatches,
+                    self.virtual)
+
+    def label(self) -> str:
+        mesh = ",".join(f"{a}={n}" for a, n in self.mesh.shape.items()) or "dp=1"
+        extra = [*(["fsdp"] if self.fsdp else []),
+                 *([f"{self.schedule} m={self.microbatches}"
+                    + (f" v={self.virtual}" if self.virtual > 1 else "")]
+                   if self.mesh.pp > 1 else [])]
+        return mesh + (f" ({', '.join(extra)})" if extra else "")
+
+
+def divisors_of(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidates(world: int, prof: ModelProfile, *, gpus_per_node: int) -> tuple[list[Candidate],
+                                                                              dict[str, int]]:
+    """Every layout of ``world`` ranks the model's shapes allow, and why others were
+    dropped (reason -> how many)."""
+    out: list[Candidate] = []
+    dropped: dict[str, int] = {}
+
+    def drop(why: str) -> None:
+        dropped[why] = dropped.get(why, 0) + 1
+
+    for pp in divisors_of(world):
+        if pp > prof.layers:
+            drop(f"pp > the {prof.layers} layers")
+            continue
+        for tp in divisors_of(world // pp):
+            if tp > gpus_per_node:
+                drop(f"tp > {gpus_per_node} GPUs per node")
+                continue
+            if prof.heads and prof.heads % tp:
+                drop(f"tp does not divide the {prof.heads} heads")
+                continue
+            for sp in divisors_of(world // (pp * tp)):
+                if prof.seq % sp:
+                    drop(f"sp does not divide seq {prof.seq}")
+                    continue
+                for ep in divisors_of(world // (pp * tp * sp)):
+                    if ep > 1 and (not prof.experts or prof.experts % ep):
+                        drop("ep does not divide the experts" if prof.experts else
+                             "ep > 1 on a dense model")
+                        continue
+                    dp = world // (pp * tp * sp * ep)
+                    if prof.batch % (dp * ep):
+                        drop(f"dp x ep does not divide the global batch {prof.batch}")
+                        continue
+                    mesh = sl.Mesh(pp=pp, dp=dp, tp=tp, sp=sp, ep=ep)
+                    for fsdp in ((False, True) if dp > 1 else (False,)):
+                        out += _pipelines(mesh, fsdp, prof, drop)
+    return out, dropped
+
+
+def _pipelines(mesh: sl.Mesh, fsdp: bool, prof: ModelProfile, drop) -> list[Candidate]:  # noqa: ANN001
+    if mesh.pp == 1:
+        return [Candidate(mesh, fsdp)]
+    rows = prof.batch // (mesh.dp * mesh.ep)
+    out = []
+    for k in (1, 2, 4, 8):
+        m = mesh.pp * k
+        if rows % m:
+            drop("the microbatches do not divide a rank's rows")
+            continue
+        out.append(Candidate(mesh, fsdp, m, "1f1b"))
+        if prof.layers >= 2 * mesh.pp:
+            out.append(Candidate(mesh, fsdp, m, "interleaved", 2))
+    return out
+
+
+def _record(op: Op, axis: str, nbytes: float, n: int, phase: Phase, site: str = "") -> Record:
+    return Record(index=0, phase=phase, site=site, op=op, axis=axis, shape=(), dtype="",
+                  bytes=int(nbytes), group_size=n)
+
+
+def estimate(c: Candidate, prof: ModelProfile, dev: Device, *, precision: str,
+             gpus_per_node: int | None = None) -> tuple[Predicted, int]:
+    """(predicted step, peak bytes of the busiest rank), from formulas."""
+    mesh, pipe = c.mesh, c.pipe
+    pp, m, v = mesh.pp, c.microbatches if pipe else 1, c.virtual if pipe else 1
+    world = mesh.size
+    rows = prof.batch / (mesh.dp * mesh.ep)          # a data-parallel rank's rows per step
+    mb_tokens = rows / m * prof.seq / mesh.sp          # one microbatch's tokens on a rank
+    layers = prof.layers / pp
+    share = (prof.batch / world) / m / v                 # rows' work per rank and action
+    f, b = prof.forward.scaled(share), prof.backward.scaled(share)
+    dense = prof.params - prof.expert_params
+    held = dense / (mesh.tp * pp) + prof.expert_params / (mesh.tp * pp * mesh.ep)
+    if c.fsdp:
+        held /= mesh.dp
+    opt = prof.optimizer.scaled(held / max(1, prof.params))
+    chunks = pipe.chunks_of(0) if pipe else [0]
+    compute = {("O", 0): opt} | {(k, ch): x for ch in chunks for k, x in (("F", f), ("B", b))}
+    hidden_bytes = mb_tokens * prof.hidden * prof.compute_bytes
+
+    def t(op: Op, axis: str, nbytes: float, n: int) -> float:
+        return collective_seconds(_record(op, axis, nbytes, n, Phase.FORWARD), mesh, dev,
+                                  gpus_per_node)
+
+    items: list[Item] = []
+    per = layers * m  # layer-microbatches a rank runs
+    for phase in (Phase.FORWARD, Phase.BACKWARD):
+        if mesh.tp > 1:
+            items.append(("critical", phase, "tp", 2 * per * t(Op.ALL_REDUCE, "tp", hidden_bytes, mesh.tp)))
+        if mesh.sp > 1:
+            kv = 2 * hidden_bytes / mesh.tp
+            items.append(("critical", phase, "sp", per * (mesh.sp - 1) * t(Op.PERMUTE, "sp", kv, mesh.sp)))
+        if mesh.ep > 1:
+            items.append(("critical", phase, "ep", 2 * per * t(Op.ALL_TO_ALL, "ep", hidden_bytes, mesh.ep)))
+    grad_bytes = 4 * (dense / (mesh.tp * pp))
+    if mesh.dp > 1 and c.fsdp:  # per parameter: gather forward and backward, reduce-scatter
+        full = prof.compute_bytes * held * mesh.dp
+        n = max(1, round(prof.tensors / pp)) * (m if pipe else 1)
+        tg = t(Op.ALL_GATHER, "dp", full / n * (m if pipe else 1), mesh.dp)
+        for phase in (Phase.FORWARD, Phase.BACKWARD):
+            items += [("gather", phase, "dp", tg)] * n
+        n_rs = max(1, round(prof.tensors / pp))
+        items += [("grad", Phase.BACKWARD, "dp",
+                   t(Op.REDUCE_SCATTER, "dp", 4 * held * mesh.dp / n_rs, mesh.dp))] * n_rs
+    elif mesh.dp * mesh.ep * mesh.sp > 1:
+        n = mesh.dp * mesh.ep * mesh.sp
+        # DDP buckets; under a pipeline one all-reduce per parameter after the last backward
+        buckets = (max(1, round(prof.tensors / pp)) if pipe else
+                   max(1, math.ceil(grad_bytes / BUCKET_BYTES)))
+        items += [("grad", Phase.BACKWARD, "dp",
+                   t(Op.ALL_REDUCE, "dp", grad_bytes / buckets, n))] * buckets
+    hop = t(Op.SEND, "pp", hidden_bytes, pp) if pipe else 0.0
+    if pipe:
+        items.append(("p2p", Phase.FORWARD, "pp", 2 * m * v * hop))
+        # embeddings, final norm, head: their gradients summed over pp, one by one
+        k = max(1, prof.outside_tensors)
+        shared = 4 * prof.outside_params / mesh.tp / k
+        items += [("after", Phase.BACKWARD, "pp", t(Op.ALL_REDUCE, "pp", shared, pp))] * k
+    pred = predict_items(dev, precision=precision, compute={0: compute}, items={0: items},
+                         pipe=pipe,
+                         tokens=prof.batch * prof.seq, hop=hop, closed_form=True)
+    inflight = m if c.schedule == "gpipe" else min(m, pp) * (1 + (v - 1) / v) if pipe else 1
+    acts = prof.activations * (rows / m) * inflight / pp / (mesh.tp * mesh.sp)
+    state = 4 * held * (1 + 1 + 2)
+    return pred, int(state + acts)

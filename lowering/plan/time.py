@@ -1,0 +1,287 @@
+"""Predicted step time: compute from the traced ops, communication from the recorded
+schedule, the pipeline from the schedule's action order.
+
+Inputs are numbers a dry trace produced (nothing here executes): each pipeline rank's
+compute per action (:class:`lowering.schedule.Cost`: FLOPs of matmuls and fused attention,
+bytes of every other op) and its recorded collectives. The model:
+
+* **compute** of an action: ``flops / (peak(precision) * matmul_efficiency) + bytes /
+  (hbm_bw * hbm_efficiency)`` (:mod:`lowering.plan.devices` for the factors); a causal
+  fused attention's FLOPs count half (its kernel skips the masked blocks). Reported
+  TFLOP/s count every traced FLOP (causal attention in full, as 6ND-style counts do).
+* **a collective**: ``latency * ring steps + wire bytes / bandwidth`` with the ring
+  formulas of :func:`lowering.schedule.wire_bytes`; the link is NVLink when the group's
+  ranks span at most ``gpus_per_node`` consecutive ranks (canonical order, tp innermost),
+  else the network.
+* **overlap** (stated assumptions, what NCCL on its own stream gives a well-written loop):
+  gradient buckets (sites ``grads ...``) and FSDP's reduce-scatters hide behind the
+  backward's compute, FSDP's all-gathers behind the forward's (prefetch), except the last
+  bucket and the first gather, which are always exposed; under a pipeline the gradient
+  reductions hide behind the stage's last backward only. Tensor-, sequence- and
+  expert-parallel collectives are on the critical path (the next op needs their result).
+  The all-reduce of parameters every pipeline stage holds runs after the pipeline.
+* **pipeline**: every rank's actions in the schedule's own order
+  (:func:`lowering.plan.pipeline.timeline` with these costs), a send taking one boundary
+  transfer, so the bubble is the schedule's real one (interleaving included).
+* the optimizer's step: its ops' bytes (AdamW is memory-bound) after the pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import shardlang as sl
+from shardlang.mesh import MESH_AXES
+from lowering.plan.devices import Device
+from lowering.plan.pipeline import Action, Kind, Pipe, bubble_of, bubble_theory, timeline
+from lowering.schedule.records import Cost, Op, Phase, Record, wire_bytes
+
+__all__ = ["Predicted", "predict", "predict_items", "Item", "record_items", "overlap_kind",
+           "collective_seconds", "link_of", "compute_seconds"]
+
+StageCompute = Mapping[tuple[str, int], Cost]  # (F/B/O, chunk) -> one microbatch's compute
+
+
+@dataclass(frozen=True)
+class Predicted:
+    step_s: float
+    tokens_per_s: float
+    tflops_per_gpu: float   # executed FLOPs per second per GPU (TFLOP/s)
+    mfu: float              # tflops_per_gpu / the device's peak for the precision
+    axis_s: dict[str, float]  # seconds in each mesh axis's collectives (the slowest stage)
+    exposed_s: dict[str, float]  # of which on the critical path
+    compute_s: float        # the slowest stage's compute (all its actions)
+    bubble: float
+    why: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def json(self) -> dict[str, object]:
+        return {"step_s": self.step_s, "tokens_per_s": self.tokens_per_s,
+                "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu,
+                "axis_s": dict(self.axis_s), "exposed_s": dict(self.exposed_s),
+                "compute_s": self.compute_s, "bubble": self.bubble, "why": self.why}
+
+
+def compute_seconds(c: Cost, dev: Device, precision: str) -> float:
+    """Matmul FLOPs at the device's achievable peak (a causal fused attention runs half
+    its counted FLOPs), every other op's bytes at its achievable bandwidth."""
+    return ((c.flops - 0.5 * c.attention_flops) / (dev.peak(precision) * dev.matmul_efficiency)
+            + c.bytes / (dev.hbm_bw * dev.hbm_efficiency))
+
+
+def _stride(mesh: sl.Mesh, axis: str) -> int:
+    inner = MESH_AXES[MESH_AXES.index(axis) + 1:]
+    return math.prod(mesh.axis_size(a) for a in inner)
+
+
+def link_of(mesh: sl.Mesh, axis: str, dev: Device, gpus_per_node: int | None = None
+            ) -> tuple[float, float, str]:
+    """(bandwidth, latency, "nvlink"/"network") of ``axis``'s groups (a ``+``-joined axis
+    uses the slowest of its parts)."""
+    g = gpus_per_node or dev.gpus_per_node
+    span = 1
+    for a in axis.split("+"):
+        if a not in MESH_AXES:
+            continue
+        n = mesh.axis_size(a)
+        span = max(span, _stride(mesh, a) * (1 if a == "pp" else n - 1) + 1)
+    if span <= g:
+        return dev.intra_node_bw, dev.intra_node_latency, "nvlink"
+    return dev.inter_node_bw, dev.inter_node_latency, "network"
+
+
+def _steps(op: Op, n: int) -> int:
+    if op is Op.ALL_REDUCE:
+        return 2 * (n - 1)
+    if op in (Op.SEND, Op.RECV, Op.PERMUTE):
+        return 1
+    return n - 1
+
+
+def collective_seconds(r: Record, mesh: sl.Mesh, dev: Device,
+                       gpus_per_node: int | None = None) -> float:
+    if r.op is Op.RECV or r.group_size <= 1:
+        return 0.0
+    bw, lat, _ = link_of(mesh, r.axis, dev, gpus_per_node)
+    return lat * _steps(r.op, r.group_size) + wire_bytes(r.op, r.bytes, r.group_size) / bw
+
+
+def overlap_kind(r: Record) -> str:
+    """How a record overlaps: "grad" (hidden by the backward), "gather" (FSDP's, hidden
+    by the forward's prefetch), "p2p", "after" (after the pipeline), "critical"."""
+    if r.op in (Op.SEND, Op.RECV):
+        return "p2p"
+    if r.phase is Phase.OPTIMIZER or (r.axis == "pp"):
+        return "after"
+    dp = "dp" in r.axis.split("+")
+    if r.site.startswith("grads") or (dp and r.op is Op.REDUCE_SCATTER) or (
+            dp and r.op is Op.ALL_REDUCE and r.phase is Phase.BACKWARD):
+        return "grad"  # a bucket, FSDP's reduce-scatter, a gradient reduced on its own
+    if r.op is Op.ALL_GATHER and "dp" in r.axis.split("+"):
+        return "gather"
+    return "critical"
+
+
+def _hidden(times: Sequence[float], window: float, *, first: bool) -> float:
+    """Exposed seconds of collectives overlapping a compute ``window``: the first (or
+    last) one always, the rest beyond the window."""
+    if not times:
+        return 0.0
+    always = times[0] if first else times[-1]
+    return always + max(0.0, sum(times) - always - window)
+
+
+#: one collective's (or a run of equal ones') place in the model: (kind, phase, axis, seconds);
+#: kind as :func:`overlap_kind` says
+Item = tuple[str, Phase, str, float]
+
+
+def record_items(records: Sequence[Record], mesh: sl.Mesh, dev: Device,
+                 gpus_per_node: int | None = None) -> list[Item]:
+    return [(overlap_kind(r), r.phase, r.axis, collective_seconds(r, mesh, dev, gpus_per_node))
+            for r in records]
+
+
+@dataclass
+class _Stage:
+    f: dict[int, float]      # chunk -> one microbatch's forward seconds, comm included
+    b: dict[int, float]
+    tail: float              # after the pipeline: exposed gradient sync, shared, optimizer
+    compute: float           # the whole step's compute on this stage
+    flops: float             # the whole step's FLOPs
+    axis: dict[str, float]
+    exposed: dict[str, float]
+
+
+def _stage(compute: StageCompute, items: Sequence[Item], chunks: Sequence[int], m: int,
+           dev: Device, precision: str, pipelined: bool) -> _Stage:
+    sec = {k: compute_seconds(c, dev, precision) for k, c in compute.items()}
+    f = {c: sec.get(("F", c), 0.0) for c in chunks}
+    b = {c: sec.get(("B", c), 0.0) for c in chunks}
+    axis: dict[str, float] = {}
+    exposed: dict[str, float] = {}
+    groups: dict[tuple[str, Phase], list[tuple[float, str]]] = {}
+    for kind, phase, ax, t in items:
+        axis[ax] = axis.get(ax, 0.0) + t
+        groups.setdefault((kind, phase), []).append((t, ax))
+
+    def times(kind: str, *phases: Phase) -> list[float]:
+        return [t for ph in phases for t, _ in groups.get((kind, ph), [])]
+
+    def add(kind: str, phase: Phase, seconds: float) -> None:
+        """Attribute ``seconds`` of exposed time to the axes of these collectives."""
+        items_ = groups.get((kind, phase), [])
+        total = sum(x for x, _ in items_)
+        for t, ax in items_:
+            if total:
+                exposed[ax] = exposed.get(ax, 0.0) + seconds * t / total
+
+    fwd_total, bwd_total = sum(f.values()) * m, sum(b.values()) * m
+    # critical collectives: spread over the stage's actions like its compute
+    for phase, per, total in ((Phase.FORWARD, f, fwd_total), (Phase.BACKWARD, b, bwd_total)):
+        crit = sum(times("critical", phase))
+        add("critical", phase, crit)
+        for c in chunks:
+            share = per[c] * m / total if total else 1.0 / len(chunks)
+            per[c] += crit * share / m
+    gather, gather_b = times("gather", Phase.FORWARD), times("gather", Phase.BACKWARD)
+    grads = times("grad", Phase.BACKWARD, Phase.FORWARD)
+    g_exp = _hidden(gather, fwd_total, first=True)
+    gb_exp = _hidden(gather_b + grads, b[chunks[0]] if pipelined else bwd_total, first=False)
+    add("gather", Phase.FORWARD, g_exp)
+    n_late = max(1, len(grads) + len(gather_b))
+    for ph in (Phase.BACKWARD, Phase.FORWARD):
+        add("grad", ph, gb_exp * len(grads) / n_late)
+    add("gather", Phase.BACKWARD, gb_exp * len(gather_b) / n_late)
+    after = 0.0
+    for kind, ph in [k for k in groups if k[0] == "after"]:
+        t_after = sum(times(kind, ph))
+        add(kind, ph, t_after)
+        after += t_after
+    opt = sec.get(("O", 0), 0.0)
+    if pipelined:
+        tail = gb_exp + after + opt
+        f[chunks[0]] += g_exp / m  # the forward gathers' exposed part lengthens the first forward
+    else:
+        f[chunks[0]] += g_exp
+        b[chunks[0]] += gb_exp
+        tail = after + opt
+    flops = sum(c.flops * (m if k[0] in "FB" else 1) for k, c in compute.items())
+    return _Stage(f, b, tail, fwd_total + bwd_total + opt, flops, axis, exposed)
+
+
+def predict(mesh: sl.Mesh, dev: Device, *, precision: str, compute: Mapping[int, StageCompute],
+            records: Mapping[int, Sequence[Record]], pipe: Pipe | None, tokens: int,
+            gpus_per_node: int | None = None) -> Predicted:
+    """One training step's predicted time on ``dev`` (module docstring for the model).
+    ``compute``/``records``: per pipeline coordinate, rank 0's (every rank of a stage runs
+    the same program); ``tokens``: the global batch's tokens per step."""
+    items = {r: record_items(rs, mesh, dev, gpus_per_node) for r, rs in records.items()}
+    sends = [x for rs in records.values() for x in rs if x.op is Op.SEND]
+    hop = max((collective_seconds(x, mesh, dev, gpus_per_node) for x in sends), default=0.0)
+    return predict_items(dev, precision=precision, compute=compute, items=items, pipe=pipe,
+                         tokens=tokens, hop=hop)
+
+
+def predict_items(dev: Device, *, precision: str, compute: Mapping[int, StageCompute],
+                  items: Mapping[int, Sequence[Item]], pipe: Pipe | None, tokens: int,
+                  hop: float = 0.0, closed_form: bool = False) -> Predicted:
+    """:func:`predict` from collectives already timed (``plan``'s estimates make them
+    from formulas; ``hop``: one pipeline boundary's transfer). ``closed_form``: the
+    pipeline's span from :func:`lowering.plan.pipeline.bubble_theory` instead of walking
+    the action order (the estimate of thousands of candidates; stage 0's costs)."""
+    pp = pipe.pp if pipe else 1
+    m = pipe.microbatches if pipe else 1
+    stages = {r: _stage(compute[r], items.get(r, []), pipe.chunks_of(r) if pipe else [0], m,
+                        dev, precision, pipe is not None)
+              for r in (range(pp) if not closed_form else [0])}
+    if pipe is None:
+        st = stages[0]
+        step = st.f[0] + st.b[0] + st.tail
+        bubble = 0.0
+        ends = {0: step}
+    else:
+        def cost(r: int, a: Action) -> float:
+            return (stages[r].f if a.kind is Kind.F else stages[r].b)[a.chunk]
+
+        if closed_form:
+            st = stages[0]
+            busy = m * sum(st.f[c] + st.b[c] for c in st.f)
+            span = busy / (1 - bubble_theory(pipe)) + hop * 2 * (pipe.pp - 1)
+            return _result(stages, {0: span + st.tail}, bubble_theory(pipe), tokens, dev,
+                           precision)
+        slots = timeline(pipe, cost=cost, hop=hop)
+        t0 = min(s.start for s in slots)
+        ends = {r: max(s.end for s in slots if s.rank == r) - t0 + stages[r].tail
+                for r in range(pp)}
+        bubble = bubble_of(slots, pp)
+    return _result(stages, ends, bubble, tokens, dev, precision)
+
+
+def _result(stages: Mapping[int, _Stage], ends: Mapping[int, float], bubble: float,
+            tokens: int, dev: Device, precision: str) -> Predicted:
+    step = max(ends.values())
+    slow = max(stages, key=lambda r: ends[r])
+    st = stages[slow]
+    flops = sum(s.flops for s in stages.values()) / len(stages)
+    tflops = flops / step / 1e12 if step else 0.0
+    return Predicted(
+        step_s=step, tokens_per_s=tokens / step if step else 0.0, tflops_per_gpu=tflops,
+        mfu=tflops * 1e12 / dev.peak(precision), axis_s=dict(sorted(st.axis.items())),
+        exposed_s=dict(sorted(st.exposed.items())), compute_s=st.compute, bubble=bubble,
+        why=_why(step, st.compute, st.exposed, bubble))
+
+
+def _why(step: float, compute: float, exposed: Mapping[str, float], bubble: float) -> str:
+    """What the step's time goes to, largest first."""
+    if not step:
+        return "no work traced"
+    parts = [f"compute {compute / step:.0%}"]
+    for ax, t in sorted(exposed.items(), key=lambda kv: -kv[1]):
+        if t / step >= 0.01:
+            parts.append(f"{ax} collectives {t / step:.0%}")
+    if bubble >= 0.01:
+        parts.append(f"pipeline bubble {bubble:.0%}")
+    return ", ".join(parts)

@@ -1,0 +1,179 @@
+"""``shardlang plan``: which layout, and will it fit — searched before launch.
+
+1. One single-device dry trace of one row gives the model's profile
+   (:class:`lowering.plan.search.ModelProfile`: compute per row, activations per row,
+   parameters, layers, width).
+2. Every layout of ``world`` ranks (:func:`lowering.plan.search.candidates`) gets a
+   formula estimate of its step time and memory; those that do not fit are dropped.
+3. The best by estimate are traced in dry mode one by one (``explain``, exact schedule and
+   memory) until ``top`` of them fit and the time budget is spent (or all are traced);
+   the traced ones are ranked by the traced prediction, the one ``explain --device``
+   prints, so ``plan`` and ``explain`` always agree on the order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import shardlang as sl
+from lowering.plan import Device, Memory, Predicted, human, layer_stack
+from lowering.plan.search import Candidate, ModelProfile, candidates, divisors_of, estimate
+from lowering.run import Layout, explain
+from lowering.schedule import Cost
+
+__all__ = ["Found", "Search", "search", "profile"]
+
+
+@dataclass
+class Found:
+    candidate: Candidate
+    predicted: Predicted
+    memory: Memory          # the busiest traced rank's bytes
+    memory_rank: int
+    estimate_s: float
+
+    def json(self) -> dict[str, object]:
+        c = self.candidate
+        return {"mesh": ",".join(f"{a}={n}" for a, n in c.mesh.shape.items()) or "dp=1",
+                "fsdp": c.fsdp, "microbatches": c.microbatches, "schedule": c.schedule,
+                "virtual": c.virtual, "recompute": c.recompute,
+                "memory": {**self.memory.json(), "rank": self.memory_rank},
+                "predicted": self.predicted.json(), "why": self.predicted.why,
+                "estimate_s": self.estimate_s}
+
+
+@dataclass
+class Search:
+    world: int
+    found: list[Found] = field(default_factory=list)
+    considered: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    no_fit: int = 0
+    traced: int = 0
+    seconds: float = 0.0
+
+
+def _hidden(model: nn.Module) -> int:
+    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if emb is None:
+        raise sl.ShardingError("plan: the model has no nn.Embedding, so its width is unknown; "
+                               "plan searches layouts of language models")
+    return emb.embedding_dim
+
+
+def _heads(model: nn.Module) -> int:
+    for obj in (getattr(model, "config", None), *model.modules()):
+        for name in ("num_attention_heads", "n_head", "num_heads", "n_heads"):
+            v = getattr(obj, name, None) or getattr(getattr(obj, "cfg", None), name, None)
+            if isinstance(v, int) and v > 0:
+                return v
+    return 0
+
+
+def _experts(model: nn.Module) -> tuple[int, int]:
+    """(experts per layer, parameters in experts) from the ``experts`` logical axis."""
+    n = count = 0
+    for p in model.parameters():
+        axes = sl.logical_axes(p) or ()
+        if "experts" in axes:
+            n = p.shape[list(axes).index("experts")]
+            count += p.numel()
+    return n, count
+
+
+def profile(layout: Layout) -> ModelProfile:
+    """One row of the global batch traced on one device (meta tensors)."""
+    one = Layout(layout.model, sl.Mesh(), layout.rules, layout.options, layout.seed, batch=1,
+                 fsdp=False, microbatches=None, schedule=None, virtual=None)
+    model = layout.model.build(seed=layout.seed, meta=True)
+    batch, seq = layout.shapes(model)
+    ex = explain(one)
+    stack = layer_stack(model)
+    experts, expert_params = _experts(model)
+    c = ex.compute[0]
+    dtype = torch.bfloat16 if layout.options.precision.value == "bf16" else torch.float32
+    inside = sum(p.numel() for p in stack[1].parameters()) if stack else 0
+    n_inside = len(list(stack[1].parameters())) if stack else 0
+    return ModelProfile(
+        params=ex.plan.n_params, outside_params=ex.plan.n_params - inside,
+        tensors=len(list(model.parameters())),
+        outside_tensors=len(list(model.parameters())) - n_inside, expert_params=expert_params, experts=experts,
+        layers=len(stack[1]) if stack else 1, hidden=_hidden(model), heads=_heads(model),
+        batch=batch, seq=seq, forward=c[("F", 0)], backward=c[("B", 0)],
+        optimizer=c.get(("O", 0), Cost()), activations=ex.memory[0].activations,
+        compute_bytes=torch.empty((), dtype=dtype).element_size())
+
+
+def search(layout: Layout, world: int, dev: Device, *, top: int = 3,
+           gpus_per_node: int | None = None, budget_s: float = 60.0) -> Search:
+    """The ``top`` layouts of ``world`` ranks for ``layout``'s model, batch, seq and
+    precision on ``dev``, best first (module docstring). Traces continue past ``top``
+    until ``budget_s`` seconds have passed in all (or every candidate is traced)."""
+    t0 = time.perf_counter()
+    g = gpus_per_node or dev.gpus_per_node
+    prof = profile(layout)
+    precision = layout.options.precision.value
+    cands, dropped = candidates(world, prof, gpus_per_node=g)
+    out = Search(world, considered=len(cands), dropped=dropped)
+    if not cands:
+        raise sl.ShardingError(_no_layout(world, prof, dropped, g))
+    scored = []
+    smallest = None
+    for c in cands:
+        pred, peak = estimate(c, prof, dev, precision=precision, gpus_per_node=g)
+        smallest = peak if smallest is None else min(smallest, peak)
+        if peak > dev.memory:
+            out.no_fit += 1
+            continue
+        scored.append((pred.step_s, c))
+    scored.sort(key=lambda x: x[0])
+    for est, c in scored:
+        # the best estimates first; past ``top`` found, more while the time budget lasts
+        # (the formulas only pre-sort: a traced layout outranks an untraced one)
+        if len(out.found) >= top and time.perf_counter() - t0 > budget_s:
+            break
+        try:
+            lay = Layout(layout.model, c.mesh, layout.rules,
+                         dataclasses.replace(layout.options, **c.options()), layout.seed)
+            ex = explain(lay)
+        except sl.ShardingError:
+            continue  # a shape the formulas did not catch (heads, experts, ...): skip it
+        out.traced += 1
+        worst = max(ex.memory, key=lambda r: ex.memory[r].peak)
+        if ex.memory[worst].peak > dev.memory:
+            out.no_fit += 1
+            continue
+        out.found.append(Found(c, ex.predict(dev, gpus_per_node=g), ex.memory[worst], worst,
+                               est))
+    if not out.found:
+        raise sl.ShardingError(
+            f"plan: no layout of {world} rank{'s' if world > 1 else ''} fits {dev.name}'s {human(dev.memory)} per GPU "
+            f"({len(cands)} layouts considered); the smallest estimate needs "
+            f"{human(smallest or 0)} per GPU. Use more GPUs (--world), a device with more "
+            "memory, a smaller --global-batch or --seq, or --precision bf16")
+    out.found.sort(key=lambda f: f.predicted.step_s)
+    del out.found[top:]
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _no_layout(world: int, prof: ModelProfile, dropped: dict[str, int], g: int) -> str:
+    why = "; ".join(f"{k} ({n})" for k, n in sorted(dropped.items(), key=lambda kv: -kv[1])[:3])
+    near = []
+    for w in sorted(range(max(1, world // 2), 2 * world + 1), key=lambda w: (abs(w - world), w)):
+        if w != world and candidates(w, prof, gpus_per_node=g)[0]:
+            near.append(w)
+        if len(near) == 3:
+            break
+    sizes = ", ".join(map(str, sorted(near))) or "none nearby"
+    return (f"plan: no valid layout of {world} ranks for this model (global batch "
+            f"{prof.batch}, seq {prof.seq}, {prof.layers} layers"
+            f"{f', {prof.heads} heads' if prof.heads else ''}): {why}. World sizes near "
+            f"{world} that work: {sizes}; or change --global-batch to a multiple of a "
+            f"divisor of {world} (its divisors: {', '.join(map(str, divisors_of(world)[:8]))}"
+            f"{', ...' if len(divisors_of(world)) > 8 else ''})")

@@ -1,0 +1,147 @@
+"""Predicted step time and ``shardlang plan``: the dry trace's compute equals torch's own
+FLOP counter on the plain model, the time model's terms equal hand-computed formulas,
+a pipeline's predicted bubble is the schedule's, and ``plan`` ranks layouts the way
+``explain --device`` predicts them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from lowering.cli import main
+from lowering.plan import (Pipe, Schedule, bubble_of, bubble_theory, collective_seconds, device,
+                           predict, timeline)
+from lowering.plan.time import predict_items
+from lowering.run import Layout, explain
+from lowering.schedule import Cost, Op, Phase, Record
+from lowering.search import search
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _torch_flops(layout: Layout) -> tuple[int, int]:
+    """(forward, backward) FLOPs of one step of the plain model, counted by torch."""
+    model = layout.model.build(seed=0)
+    batch, seq = layout.shapes(model)
+    idx, tgt = torch.randint(0, 64, (2, batch, seq))
+    with FlopCounterMode(display=False) as fc:
+        out = model(idx)
+        out = out[0] if isinstance(out, tuple) else out
+        loss = F.cross_entropy(out.transpose(1, 2), tgt)
+        fwd = fc.get_total_flops()
+        loss.backward()
+    return fwd, fc.get_total_flops() - fwd
+
+
+def test_traced_flops_equal_torch_flop_counter_and_split_over_tp() -> None:
+    one = Layout.of("mlp", "dp=1")
+    fwd, bwd = _torch_flops(one)
+    c = explain(one).compute[0]
+    assert (c[("F", 0)].flops, c[("B", 0)].flops) == (fwd, bwd)
+    # tp=2 splits every matmul of the MLP: each rank does half; dp=2 half the rows
+    for mesh in ("tp=2", "dp=2"):
+        c2 = explain(Layout.of("mlp", mesh)).compute[0]
+        assert (c2[("F", 0)].flops, c2[("B", 0)].flops) == (fwd / 2, bwd / 2), mesh
+    assert c[("O", 0)].bytes > 0 and c[("O", 0)].flops == 0  # AdamW: memory-bound
+
+
+def test_collective_and_compute_terms_are_the_formulas() -> None:
+    dev, mesh = device("h100-80gb"), Layout.of("mlp", "dp=2,tp=4").mesh
+    S = 64 * 2**20
+    tp = Record(0, Phase.FORWARD, "x", Op.ALL_REDUCE, "tp", (S // 4,), "float32", S, 4)
+    # tp's 4 ranks are consecutive: NVLink; ring all-reduce 2(n-1) steps, 2(n-1)/n S bytes
+    assert collective_seconds(tp, mesh, dev) == pytest.approx(
+        6 * dev.intra_node_latency + 1.5 * S / dev.intra_node_bw)
+    dp = Record(0, Phase.BACKWARD, "grads 0", Op.ALL_REDUCE, "dp", (S // 4,), "float32", S, 2)
+    # with 2 GPUs per node, the dp pair (ranks 0 and 4) spans nodes: the network
+    assert collective_seconds(dp, mesh, dev, gpus_per_node=2) == pytest.approx(
+        2 * dev.inter_node_latency + S / dev.inter_node_bw)
+    f = Cost(flops=1e12, bytes=1e9)
+    b = Cost(flops=2e12, bytes=2e9)
+    p = predict(mesh, dev, precision="bf16", compute={0: {("F", 0): f, ("B", 0): b}},
+                records={0: [tp, dp]}, pipe=None, tokens=1000)
+    comp = 3e12 / (989e12 * 0.7) + 3e9 / (3.35e12 * 0.8)
+    # tp on the critical path; the one gradient bucket is the last one: exposed
+    assert p.step_s == pytest.approx(comp + collective_seconds(tp, mesh, dev)
+                                     + collective_seconds(dp, mesh, dev))
+    assert p.tflops_per_gpu == pytest.approx(3.0 / p.step_s)
+    assert p.mfu == pytest.approx(p.tflops_per_gpu * 1e12 / 989e12)
+    assert p.tokens_per_s == pytest.approx(1000 / p.step_s)
+
+
+def test_hidden_gradient_buckets_cost_only_the_last() -> None:
+    dev, mesh = device("a100-80gb"), Layout.of("mlp", "dp=8").mesh
+    small = Record(0, Phase.BACKWARD, "grads 0", Op.ALL_REDUCE, "dp", (1,), "float32", 2**20, 8)
+    b = Cost(flops=1e15)  # a long backward hides every bucket but the last
+    p = predict(mesh, dev, precision="bf16", compute={0: {("F", 0): Cost(), ("B", 0): b}},
+                records={0: [small] * 10}, pipe=None, tokens=1)
+    one = collective_seconds(small, mesh, dev)
+    assert p.exposed_s["dp"] == pytest.approx(one)
+    assert p.axis_s["dp"] == pytest.approx(10 * one)
+
+
+@pytest.mark.parametrize("schedule,m,v", [("1f1b", 8, 1), ("gpipe", 4, 1),
+                                          ("interleaved", 8, 2)])
+def test_pipeline_bubble_is_the_schedules(schedule: str, m: int, v: int) -> None:
+    pipe = Pipe(Schedule.parse(schedule), 4, m, v)
+    compute = {r: {(k, c): Cost(flops=1e12 * (2 if k == "B" else 1))
+                   for c in pipe.chunks_of(r) for k in "FB"} for r in range(4)}
+    p = predict_items(device("h100-80gb"), precision="bf16", compute=compute, items={},
+                      pipe=pipe, tokens=1)
+    # the schedule's own action order, walked with these costs: the unit-time walk's bubble
+    # (torch's interleaved order idles a little more than (p-1)/(m+p-1)/v)
+    unit = bubble_of(timeline(pipe, backward_cost=2.0), 4)
+    assert p.bubble == pytest.approx(unit, rel=1e-6)
+    if v == 1:
+        assert p.bubble == pytest.approx(bubble_theory(pipe), rel=1e-6)
+    busy = m * v * 3e12 / (989e12 * 0.7)  # every stage's compute, then the idle share
+    assert p.step_s == pytest.approx(busy / (1 - p.bubble), rel=1e-6)
+
+
+def test_explain_json_predicted_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "gpt-tiny", "--mesh", "pp=2,tp=2", "--device", "h100-80gb",
+                 "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)["predicted"]
+    for k in ("step_s", "tokens_per_s", "tflops_per_gpu", "mfu", "axis_s", "bubble"):
+        assert k in pred, k
+    assert set(pred["axis_s"]) == {"pp", "tp"} and pred["step_s"] > 0
+    assert 0 < pred["bubble"] < 1 and 0 < pred["mfu"] < 1
+
+
+def test_plan_ranks_layouts_as_explain_predicts(capsys: pytest.CaptureFixture[str]) -> None:
+    base = Layout.of("gpt-tiny", "dp=1", batch=8)
+    dev = device("cpu")
+    found = search(base, 4, dev, top=3, budget_s=10)
+    assert len(found.found) == 3
+    steps = [f.predicted.step_s for f in found.found]
+    assert steps == sorted(steps)
+    for f in found.found:  # each row is what explain --device predicts for it
+        lay = Layout.of("gpt-tiny", f.candidate.mesh, batch=8, **f.candidate.options())
+        assert explain(lay).predict(dev).step_s == pytest.approx(f.predicted.step_s)
+    # the pick is at least as fast as a common hand-chosen layout
+    assert steps[0] <= explain(Layout.of("gpt-tiny", "dp=4", batch=8)).predict(dev).step_s
+    assert main(["plan", "gpt-tiny", "--world", "4", "--device", "cpu", "--global-batch",
+                 "8", "--top", "2", "--budget", "0", "--json"]) == 0
+    cands = json.loads(capsys.readouterr().out)["candidates"]
+    assert len(cands) == 2
+    for k in ("mesh", "fsdp", "microbatches", "schedule", "recompute", "memory",
+              "predicted", "why"):
+        assert k in cands[0], k
+
+
+def test_plan_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "gpt-tiny", "--world", "4", "--device", "tpu-v9"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown device" in err and "h100-80gb" in err and "cpu" in err
+    # 7 ranks: 7 divides neither the batch of 8, nor seq 32, nor 4 heads, nor 2 layers
+    assert main(["plan", "gpt-tiny", "--world", "7", "--device", "cpu", "--global-batch",
+                 "8"]) == 2
+    err = capsys.readouterr().err
+    assert "no valid layout of 7 ranks" in err and "World sizes near 7 that work: 4, 8" in err
+    assert main(["plan", "gpt-7b", "--world", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no layout of 1 rank fits cpu" in err and "smallest estimate needs" in err
