@@ -7,7 +7,10 @@ then traces the best ones in dry mode and ranks those by the traced prediction, 
 
 * compute: one single-device trace of one row (:class:`ModelProfile`), times the rows a
   rank runs, split evenly over the ranks of a pipeline stage (tp, sp and ep split the
-  work of the rows dp gives them); the optimizer over the rank's share of the parameters.
+  work of the rows dp gives them); under a pipeline the layers split evenly over the
+  stages and the head (``2 * seq * vocab * width`` FLOPs per row forward) stays on the
+  last, the busiest; under bf16 each forward (each microbatch's) casts the rank's fp32
+  weights (6 bytes per parameter moved); the optimizer over the rank's share.
 * collectives, per layer and microbatch: tp two all-reduces of the hidden state forward
   and two backward (Megatron); sp ``sp - 1`` permutes of K and V each way; ep two
   all-to-alls of the routed tokens each way; dp the gradient all-reduce in 25 MiB buckets,
@@ -41,6 +44,7 @@ class ModelProfile:
     outside_params: int     # of which outside the layer stack (every pipeline stage's)
     tensors: int            # parameter tensors (FSDP gathers each one)
     outside_tensors: int    # of which outside the layer stack
+    head_numel: int         # the largest parameter outside the stack (the vocab projection)
     expert_params: int      # of which in experts (split over ep)
     experts: int            # experts per MoE layer (0: dense)
     layers: int             # the layer stack's length
@@ -164,14 +168,25 @@ def estimate(c: Candidate, prof: ModelProfile, dev: Device, *, precision: str,
     mb_tokens = rows / m * prof.seq / mesh.sp          # one microbatch's tokens on a rank
     layers = prof.layers / pp
     share = (prof.batch / world) / m / v                 # rows' work per rank and action
-    f, b = prof.forward.scaled(share), prof.backward.scaled(share)
+    # the head (a vocab x width matmul per token) runs on the last stage only: the
+    # busiest pipeline rank holds its layers and the head
+    head_f = Cost(flops=2 * prof.seq * prof.head_numel) if pipe else Cost()
+    # the profile's forward includes one bf16 cast of every weight: per row it is not
+    cast = Cost(bytes=6 * prof.params) if precision == "bf16" else Cost()
+    f = (prof.forward - head_f - cast).scaled(share)
+    b = (prof.backward - head_f.scaled(2)).scaled(share)
+    head = (head_f.scaled(share * v), head_f.scaled(2 * share * v))
     dense = prof.params - prof.expert_params
     held = dense / (mesh.tp * pp) + prof.expert_params / (mesh.tp * pp * mesh.ep)
     if c.fsdp:
         held /= mesh.dp
     opt = prof.optimizer.scaled(held / max(1, prof.params))
+    if precision == "bf16":  # the fp32 master weights cast to bf16 at use, every forward
+        f = f + Cost(bytes=6 * held / v)
     chunks = pipe.chunks_of(0) if pipe else [0]
     compute = {("O", 0): opt} | {(k, ch): x for ch in chunks for k, x in (("F", f), ("B", b))}
+    if pipe:
+        compute[("F", 0)], compute[("B", 0)] = f + head[0], b + head[1]
     hidden_bytes = mb_tokens * prof.hidden * prof.compute_bytes
 
     def t(op: Op, axis: str, nbytes: float, n: int) -> float:

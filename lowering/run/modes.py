@@ -7,6 +7,7 @@ schedule for the same rank.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -134,11 +135,13 @@ def _dry_trace(layout: Layout, rank: int, data: Batches, model: torch.nn.Module 
     """Trace one step on meta tensors; records per pipeline coordinate (all of them)."""
     # a trace distributes the model in place: each traced rank gets a fresh meta build
     model = model or layout.model.build(seed=layout.seed, meta=True)
+    # every pipeline stage starts from the whole model, copied before anything is planned
+    # or installed on it (on meta tensors a copy is much cheaper than a build)
+    stages = {r: copy.deepcopy(model) for r in range(1, layout.mesh.pp)}
     plan = layout.plan(model)
     cfg = layout.config(plan, model, steps=1, vocab=data.vocab_size, memory=True)
     with session(layout.mesh, Mode.DRY, rank=rank) as sess:
-        models = {0: model} | {r: layout.model.build(seed=layout.seed, meta=True)
-                               for r in range(1, layout.mesh.pp)}
+        models = {0: model} | stages
         if watch is not None:
             watch(models, sess)
         if plan.pipe is None:

@@ -99,10 +99,13 @@ def profile(layout: Layout) -> ModelProfile:
     dtype = torch.bfloat16 if layout.options.precision.value == "bf16" else torch.float32
     inside = sum(p.numel() for p in stack[1].parameters()) if stack else 0
     n_inside = len(list(stack[1].parameters())) if stack else 0
+    in_stack = {id(p) for p in stack[1].parameters()} if stack else set()
+    head = max((p.numel() for p in model.parameters() if id(p) not in in_stack), default=0)
     return ModelProfile(
         params=ex.plan.n_params, outside_params=ex.plan.n_params - inside,
         tensors=len(list(model.parameters())),
-        outside_tensors=len(list(model.parameters())) - n_inside, expert_params=expert_params, experts=experts,
+        outside_tensors=len(list(model.parameters())) - n_inside, head_numel=head,
+        expert_params=expert_params, experts=experts,
         layers=len(stack[1]) if stack else 1, hidden=_hidden(model), heads=_heads(model),
         batch=batch, seq=seq, forward=c[("F", 0)], backward=c[("B", 0)],
         optimizer=c.get(("O", 0), Cost()), activations=ex.memory[0].activations,
