@@ -2,7 +2,7 @@
 circle, and private torch APIs stay in ``lowering/_torch.py``.
 
 Layers of ``lowering`` (an arrow is "may import"):
-cli -> printer -> debug | bench -> run -> parallel -> plan -> schedule -> _torch.
+cli -> printer | search -> debug | bench -> run -> parallel -> plan -> schedule -> _torch.
 ``shardlang`` never imports ``torch.distributed`` or ``lowering``; ``models`` never
 imports ``lowering``. Every import counts, at module level, inside functions and under
 ``TYPE_CHECKING``.
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("shardlang", "lowering", "models")
 #: lowering's subpackages (and top-level modules), lowest first
 FLOORS = {"_torch": 0, "schedule": 1, "plan": 2, "parallel": 3, "run": 4, "debug": 5,
-          "bench": 5, "printer": 6, "cli": 7, "__main__": 8, "": 8}
+          "bench": 5, "search": 6, "printer": 6, "cli": 7, "__main__": 8, "": 8}
 
 
 def _modules() -> dict[str, Path]:

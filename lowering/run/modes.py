@@ -7,7 +7,6 @@ schedule for the same rank.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -135,9 +134,9 @@ def _dry_trace(layout: Layout, rank: int, data: Batches, model: torch.nn.Module 
     """Trace one step on meta tensors; records per pipeline coordinate (all of them)."""
     # a trace distributes the model in place: each traced rank gets a fresh meta build
     model = model or layout.model.build(seed=layout.seed, meta=True)
-    # every pipeline stage starts from the whole model, copied before anything is planned
-    # or installed on it (on meta tensors a copy is much cheaper than a build)
-    stages = {r: copy.deepcopy(model) for r in range(1, layout.mesh.pp)}
+    # every pipeline stage starts from a fresh build of the whole model (not a deep copy: a
+    # copy's wrapped forward or hook closures would still call the original's modules)
+    stages = {r: layout.model.build(seed=layout.seed, meta=True) for r in range(1, layout.mesh.pp)}
     plan = layout.plan(model)
     cfg = layout.config(plan, model, steps=1, vocab=data.vocab_size, memory=True)
     with session(layout.mesh, Mode.DRY, rank=rank) as sess:
