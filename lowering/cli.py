@@ -62,7 +62,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         flag, help_ = f.metadata["flag"], f.metadata["help"]
         if f.type in ("bool", bool):
             p.add_argument(flag, dest=f.name, action="store_true", help=help_)
-        elif f.name in ("schedule", "precision"):
+        elif f.name in ("schedule", "precision", "recompute"):
             p.add_argument(flag, dest=f.name, default=None, metavar=f.metadata["metavar"],
                            help=help_)
         else:

@@ -154,3 +154,30 @@ def test_flops_of_a_hugging_face_model_on_meta_tensors() -> None:
     flops = model_flops(lambda: ref.build(meta=True), 8, 32, 0)
     assert 6 * n * 8 * 32 * 0.9 <= flops <= 6 * n * 8 * 32 * 3
 
+
+
+def test_predict_sets_the_prediction_beside_the_measured_step(monkeypatch) -> None:
+    """bench --predict: explain --device's prediction of the same layout beside one
+    --json launch (stubbed: a made-up measured step), and the relative error."""
+    import subprocess as sp
+
+    from lowering.bench import scale, validate
+    from lowering.plan import device
+    from lowering.run import explain
+
+    launched: list[list[str]] = []
+
+    def fake_run(cmd, **kw):  # noqa: ANN001, ANN003
+        launched.append(cmd[3:])
+        entry = {"mesh": "tp=2", "fsdp": False, "step_s": {"median": 0.5}, "axis_s": {},
+                 "compute_s": 0.4}
+        return sp.CompletedProcess(cmd, 0, json.dumps({"layouts": [entry]}), "")
+
+    monkeypatch.setattr(scale.subprocess, "run", fake_run)
+    lay = layout("gpt-tiny", tp=2)
+    argv = ["bench", "gpt-tiny", "--mesh", "tp=2", "--predict", "--steps", "3"]
+    e = validate.run_predicted(lay, argv, "h100-80gb", timeout=10)
+    want = explain(lay).predict(device("h100-80gb")).step_s
+    assert e["predicted"]["step_s"] == pytest.approx(want)
+    assert e["error"] == pytest.approx((want - 0.5) / 0.5)
+    assert launched == [["bench", "gpt-tiny", "--mesh", "tp=2", "--steps", "3", "--json"]]

@@ -5,20 +5,26 @@ a pipeline's predicted bubble is the schedule's, and ``plan`` ranks layouts the 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from torch.utils.flop_counter import FlopCounterMode
+
+import shardlang as sl
 
 from lowering.cli import main
 from lowering.plan import (Pipe, Schedule, bubble_of, bubble_theory, collective_seconds, device,
                            predict, timeline)
+from lowering.plan.search import Candidate, candidates, estimate
 from lowering.plan.time import predict_items
-from lowering.run import Layout, explain
+from lowering.run import Layout, explain, resolve, simulate
 from lowering.schedule import Cost, Op, Phase, Record
-from lowering.search import search
+from lowering.search import profile, search
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -145,3 +151,90 @@ def test_plan_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "gpt-7b", "--world", "1", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "no layout of 1 rank fits cpu" in err and "smallest estimate needs" in err
+
+
+# -- activation recompute ---------------------------------------------------------------
+def _llama(layers: int, mesh: str, **options: object) -> Layout:
+    config = (f"num_hidden_layers={layers},hidden_size=64,intermediate_size=128,"
+              "num_attention_heads=4,num_key_value_heads=2,vocab_size=128")
+    return Layout(resolve("hf:llama-3-8b", config=config), sl.Mesh.parse(mesh),
+                  sl.Rules.default(), batch=8, seq=32, **options)  # type: ignore[arg-type]
+
+
+def test_full_recompute_runs_the_stack_forward_again_as_torch_checkpoint_does() -> None:
+    """torch's own checkpoint of every layer (recomputing the whole forward: early stop
+    off) adds the layers' forward FLOPs to the backward (FlopCounterMode, which counts no
+    FLOPs for the CPU's fused attention kernel); the prediction adds the same, and only to
+    the executed FLOPs."""
+    lay = _llama(2, "dp=1", recompute="full")
+    model = lay.model.build(seed=0)
+    stack = model.model.layers
+    plain = _torch_flops(Layout(lay.model, lay.mesh, lay.rules, batch=8, seq=32))
+    originals = [layer.forward for layer in stack]
+    for layer, fwd in zip(stack, originals):
+        layer.forward = functools.partial(checkpoint, fwd, use_reentrant=False)
+    idx, tgt = torch.randint(0, 128, (2, 8, 32))
+    with FlopCounterMode(display=False) as fc, set_checkpoint_early_stop(False):
+        out = model(idx)
+        F.cross_entropy(out.transpose(1, 2), tgt).backward()
+        again = fc.get_total_flops() - sum(plain)
+    assert again > 0
+    ex = explain(lay)
+    stack = ex.stack[0][0].forward
+    assert stack.flops - stack.attention_flops == again
+    again = stack.flops
+    p = ex.predict(device("h100-80gb"))
+    none = explain(_llama(2, "dp=1")).predict(device("h100-80gb"))
+    executed, model_flops = (p.hardware_tflops_per_gpu * p.step_s * 1e12,
+                             p.tflops_per_gpu * p.step_s * 1e12)
+    assert executed - model_flops == pytest.approx(again, rel=1e-6)
+    assert model_flops == pytest.approx(none.tflops_per_gpu * none.step_s * 1e12, rel=1e-6)
+    assert p.step_s > none.step_s
+
+
+def test_full_recompute_holds_each_layers_input_and_repeats_tp_collectives() -> None:
+    """One layer more costs, under full recompute, exactly its input (8 x 32 x 64 fp32:
+    64 KiB, replicated over tp), against everything it saves without; the tp all-reduces
+    of the forward run again in the backward."""
+    acts = {(layers, mode): explain(_llama(layers, "tp=2", recompute=mode)).memory[0].activations
+            for layers in (2, 3) for mode in ("none", "full")}
+    assert acts[(3, "full")] - acts[(2, "full")] == 8 * 32 * 64 * 4
+    assert acts[(3, "none")] - acts[(2, "none")] > 4 * 8 * 32 * 64 * 4
+    assert acts[(2, "full")] < acts[(2, "none")]
+    dev = device("h100-80gb")
+    ex = explain(_llama(2, "tp=2"))
+    fwd_tp = sum(collective_seconds(r, ex.plan.mesh, dev) for r in ex.stage_records[0]
+                 if r.axis == "tp" and r.phase is Phase.FORWARD and ".layers." in r.site)
+    none = ex.predict(dev)
+    full = explain(_llama(2, "tp=2", recompute="full")).predict(dev)
+    assert fwd_tp > 0 and full.axis_s["tp"] == pytest.approx(none.axis_s["tp"] + fwd_tp)
+    # selective recompute equals none with fused attention (module docstring)
+    sel = explain(_llama(2, "tp=2", recompute="selective"))
+    assert sel.memory[0].activations == acts[(2, "none")]
+    assert sel.predict(dev).step_s == pytest.approx(none.step_s)
+
+
+def test_plan_recomputes_where_a_layout_does_not_fit_and_modes_refuse_it() -> None:
+    base = _llama(2, "dp=1")
+    prof = profile(base)
+    none, full = (estimate(Candidate(sl.Mesh(dp=2), recompute=r), prof, device("cpu"),
+                           precision="fp32") for r in ("none", "full"))
+    assert full[1] < none[1] and full[0].step_s > none[0].step_s
+    # a device between the smallest traced peaks of 2-rank layouts without and with
+    # recompute: auto picks full recompute, none finds nothing
+    least = {}
+    for r in ("none", "full"):
+        least[r] = min(max(m.peak for m in explain(Layout(
+            base.model, c.mesh, base.rules, batch=8, seq=32,
+            **dataclasses.replace(c, recompute=r).options())).memory.values())
+            for c in candidates(2, prof, gpus_per_node=2)[0])
+    assert least["full"] < least["none"]
+    small = dataclasses.replace(device("cpu"), memory=(least["full"] + least["none"]) / 2)
+    got = search(base, 2, small, top=1, budget_s=0)
+    assert got.found[0].candidate.recompute == "full"
+    with pytest.raises(sl.ShardingError, match="no layout of 2 ranks fits"):
+        search(base, 2, small, top=1, budget_s=0, recompute="none")
+    with pytest.raises(sl.ShardingError, match="predicts activation recompute"):
+        simulate(_llama(2, "dp=2", recompute="full"))
+    with pytest.raises(sl.ShardingError, match="recompute"):
+        Layout.of("gpt-tiny", "dp=2", recompute="fully")

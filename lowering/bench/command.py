@@ -1,6 +1,7 @@
 """``shardlang bench MODEL --mesh M [--steps N] [--warmup W] [--baseline] [--trace FILE]
-[--scale AXIS=SIZES] [--json]``: the flags and the printed table (the launch and the
-measuring are in :mod:`.runner`, scaling in :mod:`.scale`)."""
+[--scale AXIS=SIZES] [--predict [DEVICE]] [--json]``: the flags and the printed table (the
+launch and the measuring are in :mod:`.runner`, scaling in :mod:`.scale`, prediction
+beside measurement in :mod:`.validate`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from rich.table import Table
 import shardlang as sl
 from lowering.bench.runner import bench_layout, write_trace
 from lowering.bench.scale import parse_scale, print_scaling, run_scaling
+from lowering.bench.validate import print_predicted, run_predicted
 from lowering.run.launch import launch_torchrun
 from lowering.run.modes import Layout
 from lowering.run.session import under_torchrun
@@ -43,6 +45,9 @@ def add_bench_parser(sub: argparse._SubParsersAction, common: Callable) -> None:
                    help="strong and weak scaling over one mesh axis, e.g. dp=1,2,4: one launch "
                         "per point (the rest of --mesh kept), a table with speed-up, "
                         "efficiency and communication share, and a bar per row")
+    b.add_argument("--predict", nargs="?", const="cpu", metavar="DEVICE",
+                   help="also predict the step as explain --device DEVICE does (default cpu: "
+                        "this machine's profile) and print predicted vs measured and the error")
     b.add_argument("--timeout", type=float, default=900,
                    help="seconds before the launch is stopped (default 900)")
 
@@ -60,6 +65,16 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str], layout: Layout,
             print(json.dumps({"scaling": points}))
         else:
             print_scaling(points, axis, console)
+        return 0
+    if args.predict and not under_torchrun():
+        if args.scale:
+            raise sl.ShardingError("--predict with --scale: predict one layout at a time "
+                                   "(drop --scale)")
+        entry = run_predicted(layout, argv, args.predict, timeout=args.timeout)
+        if args.json:
+            print(json.dumps({"layouts": [entry]}))
+        else:
+            print_predicted([entry], console)
         return 0
     if not under_torchrun():
         if not args.json:

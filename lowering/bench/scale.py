@@ -22,7 +22,7 @@ from rich.table import Table
 import shardlang as sl
 from lowering.run.modes import Layout
 
-__all__ = ["parse_scale", "run_scaling", "print_scaling"]
+__all__ = ["parse_scale", "run_scaling", "print_scaling", "launch_json"]
 
 
 def parse_scale(text: str) -> tuple[str, list[int]]:
@@ -41,20 +41,39 @@ def parse_scale(text: str) -> tuple[str, list[int]]:
     return axis, values
 
 
-def _argv(argv: Sequence[str], mesh: str, batch: int) -> list[str]:
-    """``argv`` with --scale dropped, --mesh and --batch set, and --json added."""
+def _argv(argv: Sequence[str], mesh: str | None, batch: int | None) -> list[str]:
+    """``argv`` with --scale, --predict and --trace dropped, --mesh and --batch set (when
+    given), and --json added."""
     out, skip = [], False
+    dropped = ("--scale", "--trace", "--predict", *(("--mesh",) if mesh else ()),
+               *(("--batch",) if batch else ()))
     for i, a in enumerate(argv):
         if skip:
             skip = False
             continue
         name = a.split("=", 1)[0]
-        if name in ("--scale", "--mesh", "--batch", "--trace"):
-            skip = "=" not in a and i + 1 < len(argv)
+        if name in dropped:
+            # --predict's device is optional: only a following name that is not a flag
+            skip = ("=" not in a and i + 1 < len(argv)
+                    and not (name == "--predict" and argv[i + 1].startswith("-")))
             continue
         if a != "--json":
             out.append(a)
-    return [*out, "--mesh", mesh, "--batch", str(batch), "--json"]
+    return [*out, *(["--mesh", mesh] if mesh else []),
+            *(["--batch", str(batch)] if batch else []), "--json"]
+
+
+def launch_json(argv: Sequence[str], *, mesh: str | None, batch: int | None, timeout: float,
+                what: str) -> dict:
+    """One ``bench --json`` launch of ``argv`` (its mesh and batch replaced when given):
+    the layout's entry; a failed launch is a ShardingError naming ``what`` it was for."""
+    p = subprocess.run([sys.executable, "-m", "lowering", *_argv(argv, mesh, batch)],
+                       capture_output=True, text=True, timeout=timeout + 60)
+    if p.returncode != 0:
+        raise sl.ShardingError(
+            f"{what}: the launch on {mesh or 'the mesh'} failed with exit code "
+            f"{p.returncode}: {(p.stdout + p.stderr).strip()[-1500:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])["layouts"][0]
 
 
 def _mesh_with(layout: Layout, axis: str, size: int) -> str:
@@ -81,13 +100,8 @@ def run_scaling(layout: Layout, argv: Sequence[str], text: str, *, timeout: floa
         if (n, batch) not in done:
             if console is not None:
                 console.print(f"{kind} scaling: {mesh}, global batch {batch}")
-            p = subprocess.run([sys.executable, "-m", "lowering", *_argv(argv, mesh, batch)],
-                               capture_output=True, text=True, timeout=timeout + 60)
-            if p.returncode != 0:
-                raise sl.ShardingError(
-                    f"--scale: the launch on {mesh} (global batch {batch}) failed with exit "
-                    f"code {p.returncode}: {(p.stdout + p.stderr).strip()[-1500:]}")
-            done[(n, batch)] = json.loads(p.stdout.strip().splitlines()[-1])["layouts"][0]
+            done[(n, batch)] = launch_json(argv, mesh=mesh, batch=batch, timeout=timeout,
+                                           what=f"--scale (global batch {batch})")
         out.append({**done[(n, batch)], "kind": kind, "size": n})
     for kind in ("strong", "weak"):
         mine = [e for e in out if e["kind"] == kind]

@@ -27,7 +27,10 @@ def print_predicted(p: Predicted, dev: Device, mesh: sl.Mesh, console: Console, 
     console.print(
         f"[bold]Predicted step on {dev.name}[/] ({precision}): {seconds(p.step_s)}, "
         f"{p.tokens_per_s:,.0f} tokens/s, {p.tflops_per_gpu:.4g} TFLOP/s per GPU, "
-        f"MFU {p.mfu:.1%}" + (f", pipeline bubble {p.bubble:.1%}" if p.bubble else ""))
+        f"MFU {p.mfu:.1%}"
+        + (f" ({p.hardware_tflops_per_gpu:.4g} TFLOP/s executed, recomputed forwards "
+           "included)" if p.hardware_tflops_per_gpu > p.tflops_per_gpu * (1 + 1e-9) else "")
+        + (f", pipeline bubble {p.bubble:.1%}" if p.bubble else ""))
     t = Table(title="Seconds per mesh axis (the slowest pipeline stage's rank)",
               title_justify="left")
     for col in ("axis", "link", "in collectives", "exposed (not hidden by compute)"):
@@ -38,6 +41,6 @@ def print_predicted(p: Predicted, dev: Device, mesh: sl.Mesh, console: Console, 
         t.add_row(axis, link, seconds(s), seconds(p.exposed_s.get(axis, 0.0)))
     console.print(t)
     console.print(f"why: {p.why}. Model: matmuls at {dev.matmul_efficiency:.0%} of the "
-                  f"{precision} peak, other ops at {dev.hbm_efficiency:.0%} of HBM bandwidth; "
+                  f"{precision} peak, fused attention at {dev.attention_efficiency:.0%}, other ops at {dev.hbm_efficiency:.0%} of HBM bandwidth; "
                   "gradient and FSDP traffic overlapped with compute, tp/sp/ep on the "
                   "critical path (lowering/plan/time.py)")

@@ -13,6 +13,12 @@ The time model's factors, the same for every GPU and not fitted to any training 
 * ``matmul_efficiency`` 0.7: the fraction of the dense peak a large bf16 GEMM of
   transformer shapes reaches in cuBLAS (public GEMM microbenchmarks on A100 and H100 land
   between 65% and 80% of the datasheet peak: clocks throttle under load, tiles quantize).
+* ``attention_efficiency``: the fraction of the dense peak a fused attention kernel
+  (forward and backward, head dim 128) reaches, the FLOPs of a causal mask's skipped half
+  not counted. torch's flash backend is FlashAttention-2: 50-73% of the A100's peak
+  (Dao, "FlashAttention-2", 2023), so 0.6 there; 35% of the H100's (Shah et al.,
+  "FlashAttention-3", 2024: "FlashAttention-2 achieves only 35% utilization on H100"), so
+  0.35 on H100 and H200 (one chip) and, for want of a published figure, on B200.
 * ``hbm_efficiency`` 0.8: the fraction of the datasheet HBM bandwidth a streaming kernel
   reaches (STREAM-like copies on A100/H100 reach 80-90%).
 * latencies per ring step, 2 us over NVLink and 8 us over the network: the order of
@@ -45,6 +51,7 @@ class Device:
     sources: tuple[str, ...]
     #: the time model's efficiency factors and link latencies (module docstring)
     matmul_efficiency: float = 0.7
+    attention_efficiency: float = 0.35
     hbm_efficiency: float = 0.8
     intra_node_latency: float = 2e-6
     inter_node_latency: float = 8e-6
@@ -58,7 +65,8 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
            300 * GB, 25 * GB, 8,
            ("NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): BF16 312 TFLOPS dense, "
             "FP32 19.5 TFLOPS, HBM2e 2,039 GB/s, NVLink 600 GB/s bidirectional",
-            "NVIDIA DGX A100 user guide: 8 GPUs, one 200 Gb/s HDR InfiniBand port per GPU")),
+            "NVIDIA DGX A100 user guide: 8 GPUs, one 200 Gb/s HDR InfiniBand port per GPU"),
+           attention_efficiency=0.6),
     Device("h100-80gb", {"bf16": 989 * T, "fp32": 67 * T}, 80 * GB, 3.35 * TB,
            450 * GB, 50 * GB, 8,
            ("NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 989 TFLOPS dense (1,979 "
@@ -82,7 +90,8 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
             "matrices, 88 GFLOP/s fp32 and 229 GFLOP/s bf16; copy_ of a 256 MiB tensor, "
             "14.9 GB/s read + write",
             "links: gloo over loopback TCP; 1 GB/s is an order of magnitude, not a "
-            "measurement"), matmul_efficiency=1.0, hbm_efficiency=1.0,
+            "measurement"), matmul_efficiency=1.0, attention_efficiency=1.0,
+           hbm_efficiency=1.0,
            intra_node_latency=50e-6, inter_node_latency=50e-6),
 )}
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import shardlang as sl
 from shardlang.errors import choice, closest, divisors
 
-__all__ = ["Options", "Precision", "Schedule", "option_fields", "given", "check_options"]
+__all__ = ["Options", "Precision", "Recompute", "Schedule", "check_executed", "option_fields", "given", "check_options"]
 
 
 class Precision(enum.Enum):
@@ -31,6 +31,25 @@ class Precision(enum.Enum):
     @classmethod
     def parse(cls, name: str | Precision) -> Precision:
         return choice(cls, name, what="precision", keyword="precision", flag="--precision")
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Recompute(enum.Enum):
+    """Activation recompute, as ``explain --device`` and ``plan`` model it: ``none``;
+    ``full`` (each layer of the stack keeps only its input and re-runs its forward,
+    collectives included, in the backward); ``selective`` (the attention core's
+    sequence-squared tensors recomputed, Megatron's: a fused attention kernel, which
+    shardlang's traces use, already saves none of them, so it equals ``none``)."""
+
+    NONE = "none"
+    SELECTIVE = "selective"
+    FULL = "full"
+
+    @classmethod
+    def parse(cls, name: str | Recompute) -> Recompute:
+        return choice(cls, name, what="recompute", keyword="recompute", flag="--recompute")
 
     def __str__(self) -> str:
         return self.value
@@ -63,7 +82,7 @@ class Options:
     Example:
         >>> from lowering import Options
         >>> Options(fsdp=True, batch=16)
-        Options(fsdp=True, batch=16, seq=None, load_balance=False, schedule=None, microbatches=None, virtual=None, precision=<Precision.FP32: 'fp32'>, bucket_kb=None)
+        Options(fsdp=True, batch=16, seq=None, load_balance=False, schedule=None, microbatches=None, virtual=None, precision=<Precision.FP32: 'fp32'>, recompute=<Recompute.NONE: 'none'>, bucket_kb=None)
     """
 
     fsdp: bool = _opt(False, "--fsdp", "shard parameters over dp (FSDP)")  # type: ignore[assignment]
@@ -83,6 +102,12 @@ class Options:
                                 "fp32, or bf16: fp32 master weights and optimizer state, bf16 "
                                 "compute and FSDP gathers, fp32 gradient reductions",
                                 metavar="{fp32,bf16}")
+    recompute: Recompute = _opt(Recompute.NONE, "--recompute",  # type: ignore[assignment]
+                                "activation recompute as explain --device and plan predict "
+                                "it: full (each layer keeps its input, re-runs its forward in "
+                                "backward), selective (the attention core: what a fused "
+                                "kernel does anyway), none; simulate and run do not execute "
+                                "it yet", metavar="{none,selective,full}")
     bucket_kb: int | None = _opt(None, "--bucket-kb",  # type: ignore[assignment]
                                  "gradient all-reduce bucket size in KiB (default DDP's: 1024 "
                                  "for the first bucket, 25600 after; 0: one all-reduce per "
@@ -93,6 +118,8 @@ class Options:
             object.__setattr__(self, "schedule", Schedule.parse(self.schedule))
         if not isinstance(self.precision, Precision):
             object.__setattr__(self, "precision", Precision.parse(self.precision))
+        if not isinstance(self.recompute, Recompute):
+            object.__setattr__(self, "recompute", Recompute.parse(self.recompute))
 
     @classmethod
     def of(cls, **keywords: object) -> Options:
@@ -188,3 +215,14 @@ def check_options(o: Options, mesh: sl.Mesh, rules: sl.Rules) -> None:
     _check_pipeline_only(o, mesh)
     _check_batch(o, mesh, rules)
     _check_load_balance(o, mesh, rules)
+
+
+def check_executed(o: Options, what: str) -> None:
+    """Options that only ``explain`` and ``plan`` model: a ShardingError where ``what``
+    (a mode, ``parallelize``) would have to execute them."""
+    if o.recompute is not Recompute.NONE:
+        raise sl.ShardingError(
+            f"recompute={o.recompute.value!r} (--recompute {o.recompute.value}) in {what}: "
+            "shardlang predicts activation recompute (explain --device, plan) but does not "
+            "execute it yet; drop it here (recompute none), or give a smaller batch, more "
+            "microbatches, tp or pp to fit")

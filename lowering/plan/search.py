@@ -57,6 +57,11 @@ class ModelProfile:
     optimizer: Cost         # one optimizer step over every parameter
     activations: int        # bytes saved for backward by one row's forward
     compute_bytes: int      # bytes per element of the compute dtype (bf16: 2)
+    #: one row's forward through the layer stack (what full recompute runs again)
+    stack_forward: Cost = Cost()
+    stack_saved: int = 0    # bytes of ``activations`` saved inside the stack's layers
+    stack_inputs: int = 0   # bytes of the layers' inputs (what full recompute keeps)
+    layer_saved: int = 0    # the most one layer saves
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ class Candidate:
 
     def options(self) -> dict[str, object]:
         """Layout keywords (``Layout.of(model, mesh, **options)``)."""
-        out: dict[str, object] = {"fsdp": self.fsdp}
+        out: dict[str, object] = {"fsdp": self.fsdp, "recompute": self.recompute}
         if self.mesh.pp > 1:
             out |= {"microbatches": self.microbatches, "schedule": self.schedule}
             if self.schedule == "interleaved":
@@ -87,6 +92,7 @@ class Candidate:
     def label(self) -> str:
         mesh = ",".join(f"{a}={n}" for a, n in self.mesh.shape.items()) or "dp=1"
         extra = [*(["fsdp"] if self.fsdp else []),
+                 *([f"recompute {self.recompute}"] if self.recompute != "none" else []),
                  *([f"{self.schedule} m={self.microbatches}"
                     + (f" v={self.virtual}" if self.virtual > 1 else "")]
                    if self.mesh.pp > 1 else [])]
@@ -187,6 +193,9 @@ def estimate(c: Candidate, prof: ModelProfile, dev: Device, *, precision: str,
     compute = {("O", 0): opt} | {(k, ch): x for ch in chunks for k, x in (("F", f), ("B", b))}
     if pipe:
         compute[("F", 0)], compute[("B", 0)] = f + head[0], b + head[1]
+    recompute = c.recompute == "full"
+    if recompute:  # each layer's forward again in the backward
+        compute |= {("R", ch): prof.stack_forward.scaled(share) for ch in chunks}
     hidden_bytes = mb_tokens * prof.hidden * prof.compute_bytes
 
     def t(op: Op, axis: str, nbytes: float, n: int) -> float:
@@ -195,7 +204,8 @@ def estimate(c: Candidate, prof: ModelProfile, dev: Device, *, precision: str,
 
     items: list[Item] = []
     per = layers * m  # layer-microbatches a rank runs
-    for phase in (Phase.FORWARD, Phase.BACKWARD):
+    # forward, backward, and under full recompute the forward's again in the backward
+    for phase in (Phase.FORWARD, Phase.BACKWARD, *((Phase.BACKWARD,) if recompute else ())):
         if mesh.tp > 1:
             items.append(("critical", phase, "tp", 2 * per * t(Op.ALL_REDUCE, "tp", hidden_bytes, mesh.tp)))
         if mesh.sp > 1:
@@ -231,6 +241,11 @@ def estimate(c: Candidate, prof: ModelProfile, dev: Device, *, precision: str,
                          pipe=pipe,
                          tokens=prof.batch * prof.seq, hop=hop, closed_form=True)
     inflight = m if c.schedule == "gpipe" else min(m, pp) * (1 + (v - 1) / v) if pipe else 1
-    acts = prof.activations * (rows / m) * inflight / pp / (mesh.tp * mesh.sp)
+    held_row = prof.activations
+    if recompute:  # the layers' inputs instead of their saves, and one layer's while it runs
+        held_row = prof.activations - prof.stack_saved + prof.stack_inputs
+    acts = held_row * (rows / m) * inflight / pp / (mesh.tp * mesh.sp)
+    if recompute:
+        acts += prof.layer_saved * (rows / m) / (mesh.tp * mesh.sp)
     state = 4 * held * (1 + 1 + 2)
     return pred, int(state + acts)

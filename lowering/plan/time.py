@@ -5,9 +5,10 @@ Inputs are numbers a dry trace produced (nothing here executes): each pipeline r
 compute per action (:class:`lowering.schedule.Cost`: FLOPs of matmuls and fused attention,
 bytes of every other op) and its recorded collectives. The model:
 
-* **compute** of an action: ``flops / (peak(precision) * matmul_efficiency) + bytes /
-  (hbm_bw * hbm_efficiency)`` (:mod:`lowering.plan.devices` for the factors); a causal
-  fused attention's FLOPs count half (its kernel skips the masked blocks). Reported
+* **compute** of an action: ``matmul flops / (peak(precision) * matmul_efficiency) +
+  attention flops / (peak * attention_efficiency) + bytes / (hbm_bw * hbm_efficiency)``
+  (:mod:`lowering.plan.devices` for the factors and their sources); a causal fused
+  attention's FLOPs count half (its kernel skips the masked blocks). Reported
   TFLOP/s count every traced FLOP (causal attention in full, as 6ND-style counts do).
 * **a collective**: ``latency * ring steps + wire bytes / bandwidth`` with the ring
   formulas of :func:`lowering.schedule.wire_bytes`; the link is NVLink when the group's
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import shardlang as sl
 from shardlang.mesh import MESH_AXES
@@ -41,33 +42,40 @@ from lowering.schedule.records import Cost, Op, Phase, Record, wire_bytes
 __all__ = ["Predicted", "predict", "predict_items", "Item", "record_items", "overlap_kind",
            "collective_seconds", "link_of", "compute_seconds"]
 
-StageCompute = Mapping[tuple[str, int], Cost]  # (F/B/O, chunk) -> one microbatch's compute
+#: (F/B/O, chunk) -> one microbatch's compute; ("R", chunk): the forward a backward of
+#: that chunk runs again under activation recompute (:mod:`lowering.plan.recompute`)
+StageCompute = Mapping[tuple[str, int], Cost]
 
 
 @dataclass(frozen=True)
 class Predicted:
     step_s: float
     tokens_per_s: float
-    tflops_per_gpu: float   # executed FLOPs per second per GPU (TFLOP/s)
+    tflops_per_gpu: float   # the model's FLOPs per second per GPU (TFLOP/s; recompute not counted)
     mfu: float              # tflops_per_gpu / the device's peak for the precision
     axis_s: dict[str, float]  # seconds in each mesh axis's collectives (the slowest stage)
     exposed_s: dict[str, float]  # of which on the critical path
     compute_s: float        # the slowest stage's compute (all its actions)
     bubble: float
     why: str = ""
-    extra: dict[str, float] = field(default_factory=dict)
+    hardware_tflops_per_gpu: float = 0.0  # executed FLOPs, recomputed forwards included
 
     def json(self) -> dict[str, object]:
         return {"step_s": self.step_s, "tokens_per_s": self.tokens_per_s,
                 "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu,
+                "hardware_tflops_per_gpu": self.hardware_tflops_per_gpu,
                 "axis_s": dict(self.axis_s), "exposed_s": dict(self.exposed_s),
                 "compute_s": self.compute_s, "bubble": self.bubble, "why": self.why}
 
 
 def compute_seconds(c: Cost, dev: Device, precision: str) -> float:
-    """Matmul FLOPs at the device's achievable peak (a causal fused attention runs half
-    its counted FLOPs), every other op's bytes at its achievable bandwidth."""
-    return ((c.flops - 0.5 * c.attention_flops) / (dev.peak(precision) * dev.matmul_efficiency)
+    """Matmul FLOPs at the device's achievable fraction of its peak, fused attention's at
+    the attention kernel's (a causal one runs half its counted FLOPs), every other op's
+    bytes at its achievable bandwidth."""
+    peak = dev.peak(precision)
+    attention = c.attention_flops - 0.5 * c.causal_flops
+    return ((c.flops - c.attention_flops) / (peak * dev.matmul_efficiency)
+            + attention / (peak * dev.attention_efficiency)
             + c.bytes / (dev.hbm_bw * dev.hbm_efficiency))
 
 
@@ -150,7 +158,8 @@ class _Stage:
     b: dict[int, float]
     tail: float              # after the pipeline: exposed gradient sync, shared, optimizer
     compute: float           # the whole step's compute on this stage
-    flops: float             # the whole step's FLOPs
+    flops: float             # the whole step's FLOPs (the model's: recompute not counted)
+    hardware_flops: float    # and those executed
     axis: dict[str, float]
     exposed: dict[str, float]
 
@@ -159,7 +168,7 @@ def _stage(compute: StageCompute, items: Sequence[Item], chunks: Sequence[int], 
            dev: Device, precision: str, pipelined: bool) -> _Stage:
     sec = {k: compute_seconds(c, dev, precision) for k, c in compute.items()}
     f = {c: sec.get(("F", c), 0.0) for c in chunks}
-    b = {c: sec.get(("B", c), 0.0) for c in chunks}
+    b = {c: sec.get(("B", c), 0.0) + sec.get(("R", c), 0.0) for c in chunks}
     axis: dict[str, float] = {}
     exposed: dict[str, float] = {}
     groups: dict[tuple[str, Phase], list[tuple[float, str]]] = {}
@@ -208,8 +217,9 @@ def _stage(compute: StageCompute, items: Sequence[Item], chunks: Sequence[int], 
         f[chunks[0]] += g_exp
         b[chunks[0]] += gb_exp
         tail = after + opt
-    flops = sum(c.flops * (m if k[0] in "FB" else 1) for k, c in compute.items())
-    return _Stage(f, b, tail, fwd_total + bwd_total + opt, flops, axis, exposed)
+    flops = sum(c.flops * (m if k[0] in "FB" else 1) for k, c in compute.items() if k[0] != "R")
+    again = sum(c.flops * m for k, c in compute.items() if k[0] == "R")
+    return _Stage(f, b, tail, fwd_total + bwd_total + opt, flops, flops + again, axis, exposed)
 
 
 def predict(mesh: sl.Mesh, dev: Device, *, precision: str, compute: Mapping[int, StageCompute],
@@ -267,11 +277,12 @@ def _result(stages: Mapping[int, _Stage], ends: Mapping[int, float], bubble: flo
     st = stages[slow]
     flops = sum(s.flops for s in stages.values()) / len(stages)
     tflops = flops / step / 1e12 if step else 0.0
+    hw = sum(s.hardware_flops for s in stages.values()) / len(stages) / step / 1e12 if step else 0.0
     return Predicted(
         step_s=step, tokens_per_s=tokens / step if step else 0.0, tflops_per_gpu=tflops,
         mfu=tflops * 1e12 / dev.peak(precision), axis_s=dict(sorted(st.axis.items())),
         exposed_s=dict(sorted(st.exposed.items())), compute_s=st.compute, bubble=bubble,
-        why=_why(step, st.compute, st.exposed, bubble))
+        why=_why(step, st.compute, st.exposed, bubble), hardware_tflops_per_gpu=hw)
 
 
 def _why(step: float, compute: float, exposed: Mapping[str, float], bubble: float) -> str:

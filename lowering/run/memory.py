@@ -30,7 +30,8 @@ from torch.overrides import TorchFunctionMode
 
 from lowering._torch import sdpa, storage_blocks
 from lowering.parallel.fsdp import gathered_peak, gathered_storages
-from lowering.plan import Action, Kind, Memory, Plan, in_flight_peak, state_bytes
+from lowering.plan import (Action, Kind, Memory, Plan, StackCost, in_flight_peak,
+                           recomputed_bytes, recomputes, state_bytes)
 from lowering.schedule import Op, Record
 
 __all__ = ["MemoryMeter"]
@@ -111,6 +112,10 @@ class MemoryMeter:
                     out[r] += st.nbytes()
         return out
 
+    def held_bytes(self, t: torch.Tensor) -> int:
+        """Rank 0's bytes of ``t`` (its own block)."""
+        return self._bytes(iter([t]))[0]
+
     def inputs(self, *tensors: torch.Tensor) -> None:
         """The step's batch: the loop holds it whatever autograd saves (like parameters,
         not an activation; a pipeline's microbatches are views of it)."""
@@ -166,9 +171,12 @@ class MemoryMeter:
 
     # -- the report ----------------------------------------------------------------------
     def report(self, plan: Plan, records: Mapping[int, list[Record]], *, first_rank: int,
-               stage_world: int) -> dict[int, Memory]:
+               stage_world: int, stack: Mapping[int, Mapping[int, StackCost]] | None = None
+               ) -> dict[int, Memory]:
         """Global rank -> its bytes. ``first_rank``: the local rank of entry 0 (dry mode
-        traces one rank); ``records``: each pipeline rank's recorded step."""
+        traces one rank); ``records``: each pipeline rank's recorded step; ``stack``: the
+        layer stack's forward per pipeline rank and chunk (dry mode: activations under
+        the plan's recompute, :mod:`lowering.plan.recompute`)."""
         out = {}
         for pp, model in self.models.items():
             buffers = gathered_peak(model) + _all_to_all_buffers(records.get(pp, []))
@@ -176,8 +184,7 @@ class MemoryMeter:
             for r in range(self.ranks):
                 if self.dry:
                     state = state_bytes(plan, model)
-                    act = (in_flight_peak(plan.pipe, pp, self.forward_bytes[pp], self.released[pp])
-                           if plan.pipe else self.activations[pp].get(r, 0))
+                    act = self._predicted_activations(plan, pp, (stack or {}).get(pp, {}))
                     mem = Memory(state.params, state.grads, state.optimizer, act, buffers)
                 else:
                     mem = Memory(params[r], self.grads.get(pp, {}).get(r, 0),
@@ -185,6 +192,17 @@ class MemoryMeter:
                                  self.activations[pp].get(r, 0), buffers)
                 out[pp * stage_world + first_rank + r] = mem
         return out
+
+    def _predicted_activations(self, plan: Plan, pp: int, stack: Mapping[int, StackCost]) -> int:
+        """Dry mode: the activation peak, under the plan's recompute (full: each layer's
+        input held instead of its saves, and one layer's saves while its backward runs)."""
+        mode = plan.options.recompute
+        extra = max((s.largest for s in stack.values()), default=0) if recomputes(mode) else 0
+        if plan.pipe:
+            return extra + in_flight_peak(plan.pipe, pp,
+                                          recomputed_bytes(self.forward_bytes[pp], stack, mode),
+                                          recomputed_bytes(self.released[pp], stack, mode))
+        return extra + recomputed_bytes({0: self.activations[pp].get(0, 0)}, stack, mode)[0]
 
 
 def _all_to_all_buffers(records: list[Record]) -> int:

@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 
 import shardlang as sl
-from lowering.plan import (AxisVolume, Device, Memory, Options, Plan, Predicted, analytic_volume,
-                           lower, predict)
+from lowering.plan import (AxisVolume, Device, Memory, Options, Plan, Predicted, StackCost,
+                           analytic_volume, lower, predict, recomputed_compute,
+                           recomputed_records, check_executed)
 from lowering.run.guard import CheckMode
 from lowering.run.parity import Parity, check_parity
 from lowering.run.registry import ModelRef, resolve
@@ -108,11 +109,20 @@ class Explained:
     stage_records: dict[int, list[Record]] = dataclasses.field(default_factory=dict)  # likewise
     tokens: int = 0           # the global batch's tokens per step
     precision: str = "fp32"
+    #: likewise: pp coordinate -> chunk -> the layer stack's forward (for recompute)
+    stack: dict[int, dict[int, StackCost]] = dataclasses.field(default_factory=dict)
 
     def predict(self, dev: Device, *, gpus_per_node: int | None = None) -> Predicted:
-        """The step's predicted time on ``dev`` (:mod:`lowering.plan.time`)."""
-        return predict(self.plan.mesh, dev, precision=self.precision, compute=self.compute,
-                       records=self.stage_records, pipe=self.plan.pipe, tokens=self.tokens,
+        """The step's predicted time on ``dev`` (:mod:`lowering.plan.time`), under the
+        plan's recompute (:mod:`lowering.plan.recompute`)."""
+        mode, pipe = self.plan.options.recompute, self.plan.pipe
+        m = pipe.microbatches if pipe else 1
+        compute = {r: recomputed_compute(c, self.stack.get(r, {}), mode)
+                   for r, c in self.compute.items()}
+        records = {r: recomputed_records(rs, self.stack.get(r, {}), mode, m)
+                   for r, rs in self.stage_records.items()}
+        return predict(self.plan.mesh, dev, precision=self.precision, compute=compute,
+                       records=records, pipe=pipe, tokens=self.tokens,
                        gpus_per_node=gpus_per_node)
 
 
@@ -179,7 +189,7 @@ def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
     return Explained(plan, sched, analytic_volume(plan, model, batch=batch, seq=seq,
                                                   pp_rank=shown), traced,
                      {r: memory[r] for r in want if r in memory}, result.compute,
-                     traces[first], batch * seq, layout.options.precision.value)
+                     traces[first], batch * seq, layout.options.precision.value, result.stack)
 
 
 def gather_records(records: list[Record], world: int) -> dict[int, list[Record]]:
@@ -229,6 +239,7 @@ def train_layout(layout: Layout, mode: Mode, *, steps: int, check: bool = False,
     """Train ``layout`` for ``steps`` in simulate or run mode (``watch`` sees every stage
     model and the session before the first step: :func:`lowering.debug.inspect` hooks it)."""
     _check_training(steps, lr)
+    check_executed(layout.options, f"{mode.value} mode")
     if layout.model.dry_only:
         raise sl.ShardingError(
             f"{layout.model.name} is too large to {mode.value} here (dry mode only): use "

@@ -21,6 +21,7 @@ from lowering.parallel.pipeline_step import (dummy_tokens, funcol_all_reduce,
 from lowering.plan import Kind, Plan, Slot, bubble_of, microbatch_rows
 from lowering.run.memory import MemoryMeter
 from lowering.run.session import Mode, Session, group_axes
+from lowering.run.stack_watch import StackWatch
 from lowering.run.train import (StepCallback, TrainConfig, TrainResult, _active, _batch,
                                 _checker, _finish, _guarded, _null, _recording, _values)
 from lowering.schedule import Cost, Phase, Recorder
@@ -55,6 +56,9 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
     meter = (MemoryMeter({r: st.model for r, st in stages.items()}, ranks=local, dry=dry)
              if cfg.memory and not run else None)
     m = pipe.microbatches
+    watch = (StackWatch({r: st.blocks for r, st in stages.items()}, pipe, meter, recs,
+                        next(iter(stages.values())).n_layers)
+             if meter is not None and dry else None)
     rows = microbatch_rows(cfg.batch, plan.batch_ways, m)
     tokens = dummy_tokens((cfg.batch // m, cfg.seq), "meta" if dry else sess.device)
     result = TrainResult()
@@ -124,9 +128,13 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
                           | {("O", 0): recs[r].compute.get(Phase.OPTIMIZER, Cost())}
                           for r in stages}
     result.records = result.stage_records[min(stages)]
+    if watch is not None:
+        watch.close()
+        result.stack = watch.stack
     if meter is not None:
         result.memory = meter.report(plan, result.stage_records, stage_world=sess.stage_world,
-                                     first_rank=0 if local > 1 else sess.rank % sess.stage_world)
+                                     first_rank=0 if local > 1 else sess.rank % sess.stage_world,
+                                     stack=result.stack)
     return result
 
 

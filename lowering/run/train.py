@@ -23,10 +23,11 @@ from lowering.parallel import DTensorContext, distribute_model
 from lowering.parallel.data import install_grad_sync
 from lowering.parallel.fsdp import compute_dtype, install_at_use
 from lowering.parallel.tensor import LocalOps, logits_of, loss_scope, next_token_loss
-from lowering.plan import Memory, Plan, grad_buckets, microbatch_rows
+from lowering.plan import Memory, Plan, StackCost, grad_buckets, microbatch_rows
 from lowering.run import checkpoint
 from lowering.run.guard import CheckMode, CollectiveGuard
 from lowering.run.memory import MemoryMeter
+from lowering.run.stack_watch import StackWatch
 from lowering.run.session import Mode, Session, group_axes
 from lowering.schedule import Cost, Phase, Record, Recorder
 from models.datasets import Batches
@@ -87,6 +88,8 @@ class TrainResult:
     memory: dict[int, Memory] = field(default_factory=dict)  # cfg.memory: global rank -> bytes
     #: dry mode with cfg.memory: pp coordinate -> (F/B/O, chunk) -> one microbatch's compute
     compute: dict[int, dict[tuple[str, int], Cost]] = field(default_factory=dict)
+    #: likewise: pp coordinate -> chunk -> the layer stack's forward (for recompute)
+    stack: dict[int, dict[int, StackCost]] = field(default_factory=dict)
 
 
 def _values(t: torch.Tensor, world: int) -> list[torch.Tensor]:
@@ -133,6 +136,8 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
         install_at_use(model, None, None, dtype=compute_dtype(cfg.precision))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=True)
     meter = MemoryMeter({0: model}, ranks=world, dry=dry) if cfg.memory and sess else None
+    watch = (StackWatch.of_model(model, meter, recorder)
+             if meter is not None and recorder is not None and recorder.count_compute else None)
     result = TrainResult()
     ck = cfg.checkpoint if not dry else None
     holder = _Holder(model, sess.mesh if sess else sl.Mesh(), _mode_name(sess),
@@ -176,10 +181,13 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
             result.compute = {0: {("F", 0): c.get(Phase.FORWARD, Cost()),
                                   ("B", 0): c.get(Phase.BACKWARD, Cost()),
                                   ("O", 0): c.get(Phase.OPTIMIZER, Cost())}}
+    if watch is not None:
+        watch.close()
+        result.stack = watch.stack
     if meter is not None and sess is not None:
         result.memory = meter.report(plan, {0: result.records},  # type: ignore[arg-type]
                                      first_rank=0 if world > 1 else sess.rank % sess.stage_world,
-                                     stage_world=sess.stage_world)
+                                     stage_world=sess.stage_world, stack=result.stack)
     return result
 
 

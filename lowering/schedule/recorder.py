@@ -172,11 +172,12 @@ class Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if self.count_compute and not self._paused and not types:  # plain tensors only:
             # a subclass here (DTensor's FakeTensor sharding propagation) is not compute
-            flops, nbytes, causal = op_cost(func, args, kwargs, out)
+            flops, nbytes, attention = op_cost(func, args, kwargs, out)
             if flops or nbytes:
                 ph = self.current_phase()
                 self.compute[ph] = self.compute.get(ph, Cost()) + Cost(
-                    flops, nbytes, flops if causal else 0)
+                    flops, nbytes, flops if attention else 0,
+                    flops if attention == "causal" else 0)
         return out
 
     def compute_total(self) -> Cost:

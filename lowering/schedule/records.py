@@ -35,25 +35,27 @@ class Phase(enum.Enum):
 class Cost:
     """Compute one rank spends in part of a step, counted on its own tensors (dry mode):
     ``flops`` of ops with a FLOP formula (matmuls, fused attention; a causal mask not
-    discounted, as the usual 6ND-style counts do), of which ``attention_flops`` in causal
-    fused attention kernels (they skip the masked half), and ``bytes`` read and written by
-    the other ops (elementwise, norms, copies, the optimizer's updates; views and
-    allocations are free)."""
+    discounted, as the usual 6ND-style counts do), of which ``attention_flops`` in fused
+    attention kernels and ``causal_flops`` in those with a causal mask (they skip the
+    masked half), and ``bytes`` read and written by the other ops (elementwise, norms,
+    copies, the optimizer's updates; views and allocations are free)."""
 
     flops: float = 0.0
     bytes: float = 0.0
     attention_flops: float = 0.0
+    causal_flops: float = 0.0
+
+    def _fields(self) -> tuple[float, float, float, float]:
+        return self.flops, self.bytes, self.attention_flops, self.causal_flops
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.flops + other.flops, self.bytes + other.bytes,
-                    self.attention_flops + other.attention_flops)
+        return Cost(*(a + b for a, b in zip(self._fields(), other._fields())))
 
     def __sub__(self, other: Cost) -> Cost:
-        return Cost(self.flops - other.flops, self.bytes - other.bytes,
-                    self.attention_flops - other.attention_flops)
+        return Cost(*(a - b for a, b in zip(self._fields(), other._fields())))
 
     def scaled(self, k: float) -> Cost:
-        return Cost(self.flops * k, self.bytes * k, self.attention_flops * k)
+        return Cost(*(a * k for a in self._fields()))
 
 
 class Op(enum.Enum):

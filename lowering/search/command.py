@@ -37,8 +37,10 @@ def add_plan_parser(sub: argparse._SubParsersAction, model_help: str) -> None:  
     p.add_argument("--seq", type=int, default=None, metavar="S", help="sequence length")
     p.add_argument("--precision", default="bf16", metavar="{fp32,bf16}",
                    help="compute precision (default bf16)")
-    p.add_argument("--recompute", default="none", metavar="{none}",
-                   help="activation recomputation; only none is modelled so far")
+    p.add_argument("--recompute", default="auto", metavar="{auto,none,selective,full}",
+                   help="activation recompute of every layout: auto (the default) searches "
+                        "without it and, where a layout does not fit, with full recompute; "
+                        "none, selective (equal to none with fused attention) or full")
     p.add_argument("--top", type=int, default=3, metavar="K",
                    help="how many layouts to trace and print (default 3)")
     p.add_argument("--budget", type=float, default=60.0, metavar="SECONDS",
@@ -54,10 +56,6 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         raise sl.ShardingError(f"--world {args.world}: must be a positive number of GPUs")
     if args.top < 1:
         raise sl.ShardingError(f"--top {args.top}: must be at least 1")
-    if args.recompute != "none":
-        raise sl.ShardingError(
-            f"--recompute {args.recompute}: shardlang does not recompute activations yet, so "
-            "plan does not model it; use --recompute none (the default)")
     if args.gpus_per_node is not None and args.gpus_per_node < 1:
         raise sl.ShardingError(f"--gpus-per-node {args.gpus_per_node}: must be at least 1")
     dev = device(args.device)
@@ -65,7 +63,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     layout = Layout(resolve(args.model, config=args.config), sl.Mesh(),
                     sl.Rules.parse(args.rules, base=sl.Rules.default()), options)
     found = search(layout, args.world, dev, top=args.top, gpus_per_node=args.gpus_per_node,
-                   budget_s=args.budget)
+                   budget_s=args.budget, recompute=args.recompute)
     if args.json:
         print(json.dumps({"world": args.world, "device": dev.name,
                           "considered": found.considered, "traced": found.traced,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import shardlang as sl
-from lowering.plan import Device, Memory, Predicted, human, layer_stack
+from lowering.plan import Device, Memory, Predicted, Recompute, StackCost, human, layer_stack
 from lowering.plan.search import Candidate, ModelProfile, candidates, divisors_of, estimate
 from lowering.run import Layout, explain
 from lowering.schedule import Cost
@@ -89,13 +89,15 @@ def _experts(model: nn.Module) -> tuple[int, int]:
 def profile(layout: Layout) -> ModelProfile:
     """One row of the global batch traced on one device (meta tensors)."""
     one = Layout(layout.model, sl.Mesh(), layout.rules, layout.options, layout.seed, batch=1,
-                 fsdp=False, microbatches=None, schedule=None, virtual=None)
+                 fsdp=False, microbatches=None, schedule=None, virtual=None,
+                 recompute="none")
     model = layout.model.build(seed=layout.seed, meta=True)
     batch, seq = layout.shapes(model)
     ex = explain(one)
     stack = layer_stack(model)
     experts, expert_params = _experts(model)
     c = ex.compute[0]
+    st = ex.stack.get(0, {}).get(0, StackCost())
     dtype = torch.bfloat16 if layout.options.precision.value == "bf16" else torch.float32
     inside = sum(p.numel() for p in stack[1].parameters()) if stack else 0
     n_inside = len(list(stack[1].parameters())) if stack else 0
@@ -109,14 +111,20 @@ def profile(layout: Layout) -> ModelProfile:
         layers=len(stack[1]) if stack else 1, hidden=_hidden(model), heads=_heads(model),
         batch=batch, seq=seq, forward=c[("F", 0)], backward=c[("B", 0)],
         optimizer=c.get(("O", 0), Cost()), activations=ex.memory[0].activations,
-        compute_bytes=torch.empty((), dtype=dtype).element_size())
+        compute_bytes=torch.empty((), dtype=dtype).element_size(),
+        stack_forward=st.forward, stack_saved=st.saved, stack_inputs=st.inputs,
+        layer_saved=st.largest)
 
 
 def search(layout: Layout, world: int, dev: Device, *, top: int = 3,
-           gpus_per_node: int | None = None, budget_s: float = 60.0) -> Search:
+           gpus_per_node: int | None = None, budget_s: float = 60.0,
+           recompute: str = "auto") -> Search:
     """The ``top`` layouts of ``world`` ranks for ``layout``'s model, batch, seq and
     precision on ``dev``, best first (module docstring). Traces continue past ``top``
-    until ``budget_s`` seconds have passed in all (or every candidate is traced)."""
+    until ``budget_s`` seconds have passed in all (or every candidate is traced).
+    ``recompute``: ``auto`` (none, and full where a layout does not fit without it),
+    or one of ``none``, ``selective``, ``full`` for every layout."""
+    modes = _recompute_modes(recompute)
     t0 = time.perf_counter()
     g = gpus_per_node or dev.gpus_per_node
     prof = profile(layout)
@@ -127,15 +135,20 @@ def search(layout: Layout, world: int, dev: Device, *, top: int = 3,
         raise sl.ShardingError(_no_layout(world, prof, dropped, g))
     scored = []
     smallest = None
-    for c in cands:
-        pred, peak = estimate(c, prof, dev, precision=precision, gpus_per_node=g)
-        smallest = peak if smallest is None else min(smallest, peak)
-        if peak > dev.memory:
+    for base in cands:
+        for mode in modes:  # the next mode only where the one before does not fit
+            c = dataclasses.replace(base, recompute=mode)
+            pred, peak = estimate(c, prof, dev, precision=precision, gpus_per_node=g)
+            smallest = peak if smallest is None else min(smallest, peak)
+            if peak <= dev.memory:
+                scored.append((pred.step_s, c))
+                break
+        else:
             out.no_fit += 1
-            continue
-        scored.append((pred.step_s, c))
     scored.sort(key=lambda x: x[0])
-    for est, c in scored:
+    queue = list(reversed(scored))  # popped best first
+    while queue:
+        est, c = queue.pop()
         # the best estimates first; past ``top`` found, more while the time budget lasts
         # (the formulas only pre-sort: a traced layout outranks an untraced one)
         if len(out.found) >= top and time.perf_counter() - t0 > budget_s:
@@ -150,6 +163,9 @@ def search(layout: Layout, world: int, dev: Device, *, top: int = 3,
         worst = max(ex.memory, key=lambda r: ex.memory[r].peak)
         if ex.memory[worst].peak > dev.memory:
             out.no_fit += 1
+            later = modes[modes.index(c.recompute) + 1:]
+            if later:  # traced, it does not fit: the same layout with recompute, next
+                queue.append((est, dataclasses.replace(c, recompute=later[0])))
             continue
         out.found.append(Found(c, ex.predict(dev, gpus_per_node=g), ex.memory[worst], worst,
                                est))
@@ -158,11 +174,22 @@ def search(layout: Layout, world: int, dev: Device, *, top: int = 3,
             f"plan: no layout of {world} rank{'s' if world > 1 else ''} fits {dev.name}'s {human(dev.memory)} per GPU "
             f"({len(cands)} layouts considered); the smallest estimate needs "
             f"{human(smallest or 0)} per GPU. Use more GPUs (--world), a device with more "
-            "memory, a smaller --global-batch or --seq, or --precision bf16")
+            "memory, a smaller --global-batch or --seq, --precision bf16, or --recompute "
+            "full")
     out.found.sort(key=lambda f: f.predicted.step_s)
     del out.found[top:]
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _recompute_modes(recompute: str) -> list[str]:
+    if recompute == "auto":
+        return ["none", "full"]
+    if recompute not in {r.value for r in Recompute}:
+        raise sl.ShardingError(
+            f"--recompute {recompute!r}: choose auto (none, and full where a layout does not "
+            "fit), none, selective or full")
+    return [Recompute.parse(recompute).value]
 
 
 def _no_layout(world: int, prof: ModelProfile, dropped: dict[str, int], g: int) -> str:
