@@ -128,3 +128,22 @@ def test_explain_shows_work_per_rank(cli) -> None:
     assert code == 0 and "Causal attention work per sp rank, contiguous" in out
     code, out, _ = cli("explain", "gpt-tiny", "--mesh", "sp=4", "--load-balance")
     assert code == 0 and "load-balanced" in out and out.count("100%") == 4
+
+
+def test_sub_mesh_coordinates_survive_address_reuse() -> None:
+    """Simulate mode's LocalTensorMode caches a mesh's rank coordinates by id(): a sub-mesh
+    made per call and freed let the next one (another axis, same address) read the old
+    axis' coordinates, so the ring permute sent K/V to the wrong ranks (a flaky CI failure
+    on pp=2,dp=2,ep=2,sp=2). Each axis' sub-mesh must report its own coordinate."""
+    import gc
+
+    from lowering.parallel.shard_map import submesh
+    from lowering.run.session import Mode, session
+
+    with session(sl.Mesh(dp=2, ep=2, sp=2), Mode.SIMULATE) as sess:
+        strides = {"dp": 4, "ep": 2, "sp": 1}
+        for _ in range(3):
+            for axis, stride in strides.items():
+                node = submesh(sess.dmesh, axis).get_local_rank().node
+                assert node._local_ints == {r: r // stride % 2 for r in range(8)}, axis
+                gc.collect()  # a sub-mesh sits in a reference cycle: free it now

@@ -104,7 +104,14 @@ def check_outputs(outs: Sequence[torch.Tensor], specs: Sequence[sl.P], tracker: 
 
 
 def submesh(dmesh: DeviceMesh | None, axis: str) -> DeviceMesh | None:
-    """The one-dimensional mesh of ``axis`` (None where the axis has size 1)."""
+    """The one-dimensional mesh of ``axis`` (None where the axis has size 1), made once per
+    mesh and kept alive with it: simulate mode's LocalTensorMode caches each mesh's rank
+    coordinates by ``id()``, so a freed sub-mesh whose address a new one reuses would hand
+    that one the old axis' coordinates (a ring permute then sent its blocks to the ranks of
+    another axis, depending on where the allocator put the mesh)."""
     if dmesh is None or axis not in (dmesh.mesh_dim_names or ()):
         return None
-    return dmesh[axis]
+    made = dmesh.__dict__.setdefault("_shardlang_submeshes", {})
+    if axis not in made:
+        made[axis] = dmesh[axis]
+    return made[axis]
