@@ -100,11 +100,24 @@ def annotate(module: nn.Module, table: Mapping[str, Sequence[str | None]] | None
         torch.Size([2, 4])
     """
     _annotate_params(module, table or {})
+    modules = dict(module.named_modules())
     for side, given in (("inputs", inputs), ("outputs", outputs)):
         for pattern, names_for in (given or {}).items():
-            for path, mod in _modules_matching(module, pattern, side):
+            for path, mod in _modules_matching(module, modules, pattern, side):
                 _constrain_at(mod, path, side, tuple(names_for))
     return module
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _matching(pattern: str, names: Sequence[str], exact: Mapping[str, object]) -> list[str]:
+    """The names ``pattern`` (fnmatch syntax) matches; a pattern without wildcards is one
+    dictionary lookup (a Hugging Face model's table names hundreds of exact paths)."""
+    if not _is_glob(pattern):
+        return [pattern] if pattern in exact else []
+    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
 def _annotate_params(module: nn.Module, table: Mapping[str, Sequence[str | None]]) -> None:
@@ -114,7 +127,7 @@ def _annotate_params(module: nn.Module, table: Mapping[str, Sequence[str | None]
     modules = dict(module.named_modules())
     for pattern, names_for in table.items():
         if tuple(names_for) == ("layers",):
-            stacks = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
+            stacks = [n for n in _matching(pattern, list(modules), modules) if n]
             if len(stacks) != 1:
                 hint = closest(pattern, [n for n in modules if n])
                 near = f"; did you mean {hint!r}?" if hint else ""
@@ -124,7 +137,7 @@ def _annotate_params(module: nn.Module, table: Mapping[str, Sequence[str | None]
                     f"{len(stacks)}{near}")
             axes(modules[stacks[0]], "layers")
             continue
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        hits = _matching(pattern, names, params)
         if not hits:
             hint = closest(pattern, names)
             near = f"; did you mean {hint!r}?" if hint else ""
@@ -151,11 +164,15 @@ def _module_glob(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(parts) + r"\Z")
 
 
-def _modules_matching(module: nn.Module, pattern: str, side: str) -> list[tuple[str, nn.Module]]:
-    rx = _module_glob(pattern)
-    found = [(n, m) for n, m in module.named_modules() if rx.match(n)]
+def _modules_matching(module: nn.Module, modules: Mapping[str, nn.Module], pattern: str,
+                      side: str) -> list[tuple[str, nn.Module]]:
+    if not _is_glob(pattern):
+        found = [(pattern, modules[pattern])] if pattern in modules else []
+    else:
+        rx = _module_glob(pattern)
+        found = [(n, m) for n, m in modules.items() if rx.match(n)]
     if not found:
-        hint = closest(pattern, [n for n, _ in module.named_modules() if n])
+        hint = closest(pattern, [n for n in modules if n])
         near = f"; did you mean {hint!r}?" if hint else ""
         raise ShardingError(
             f"annotate {side} pattern {pattern!r} matches no module of "
