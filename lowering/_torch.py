@@ -7,6 +7,7 @@ project imports a ``torch.*._private`` module or reads a private attribute.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -222,19 +223,26 @@ def tracker_snapshot(tracker: ModTracker) -> Callable[[], None]:
 def interleaved_order(pp: int, virtual: int, microbatches: int,
                       rank: int) -> list[tuple[int, str, int]]:
     """``ScheduleInterleaved1F1B``'s action order (with its sends and receives) for one
-    pipeline rank, as (stage index, action name, microbatch). Built from stand-in stages:
-    the order depends only on the pipeline's sizes."""
+    pipeline rank, as (stage index, action name, microbatch)."""
+    return list(_interleaved_orders(pp, virtual, microbatches)[rank])
+
+
+@functools.lru_cache(maxsize=32)
+def _interleaved_orders(pp: int, virtual: int, microbatches: int
+                        ) -> tuple[tuple[tuple[int, str, int], ...], ...]:
+    """Every pipeline rank's order, built once from stand-in stages (the order depends only
+    on the pipeline's sizes; torch lowers every rank's order whichever rank builds it, so
+    one build serves all: per rank it cost pp times as much, a minute at pp=32, m=256)."""
     class _Sizes:  # what the schedule reads from its stages to plan the order
         def __init__(self, index: int) -> None:
             self.stage_index, self.num_stages = index, pp * virtual
-            self.group_size, self.group_rank = pp, rank
+            self.group_size, self.group_rank = pp, 0
             self.is_first, self.is_last = index == 0, index == pp * virtual - 1
 
-    sched = ScheduleInterleaved1F1B([_Sizes(rank + k * pp) for k in range(virtual)],
-                                    microbatches)
-    return [(a.stage_index, a.computation_type.name, a.microbatch_index or 0)
-            for a in sched.pipeline_order_with_comms[rank]
-            if a is not None]
+    sched = ScheduleInterleaved1F1B([_Sizes(k * pp) for k in range(virtual)], microbatches)
+    return tuple(tuple((a.stage_index, a.computation_type.name, a.microbatch_index or 0)
+                       for a in sched.pipeline_order_with_comms[r] if a is not None)
+                 for r in range(pp))
 
 
 def instrument_pipeline_stage(stage: Any, *,
