@@ -56,12 +56,27 @@ def stage_of(plan: Plan, name: str) -> str:
     return "every stage (grads summed over pp)" if pp is None else f"pp={pp}"
 
 
-def schedule_table(title: str, recs: Sequence[Record], s: RankSchedules, rank: int) -> Table:
+#: rows of one rank's schedule ``explain`` prints (the first ones and the last few); a
+#: pipeline of many microbatches records hundreds of thousands, which ``--json`` lists
+SHOWN_ROWS = 200
+
+
+def schedule_table(title: str, recs: Sequence[Record], s: RankSchedules, rank: int, *,
+                   limit: int | None = None) -> Table:
+    """One rank's records as a table; with ``limit``, a longer schedule shows its first
+    ``limit - 10`` and last 10 rows around one row saying how many are left out."""
     t = Table(title=title, title_justify="left")
     for col in ("#", "phase", "site", "op", "axis", "group", "shape", "dtype", "bytes", "wire"):
         t.add_column(col, justify="right" if col in ("#", "bytes", "wire") else "left",
                      overflow="fold")
-    for x in recs:
+    shown: list[Record | None] = list(recs)
+    if limit is not None and len(recs) > limit:
+        shown = [*recs[:limit - 10], None, *recs[-10:]]
+    for x in shown:
+        if x is None:
+            left_out = len(recs) - len(shown) + 1
+            t.add_row("...", "", f"{left_out:,} more collectives (every one: --json)", *[""] * 7)
+            continue
         j = x.json(s.mesh, rank)
         t.add_row(str(x.index), x.phase.value, x.site, x.op.value, x.axis, str(j["group"]),
                   str(list(x.shape)), x.dtype, human(x.bytes), human(x.wire_bytes))
@@ -104,14 +119,15 @@ def print_explain(s: RankSchedules, plan: Plan, analytic: dict[str, AxisVolume],
         title = f"Schedule of {_ranks_label(ranks)}: {len(recs)} collectives in one training step"
         if len(ranks) > 1:
             title += " (group columns for the first rank)"
-        console.print(schedule_table(title, recs, s, ranks[0]))
+        console.print(schedule_table(title, recs, s, ranks[0], limit=SHOWN_ROWS))
     first = next(iter(s.ranks.values()), [])
     console.print(_totals_table(first, analytic))
     extra = unexplained(first, analytic)
     if extra:
         console.print(f"{len(extra)} recorded collective(s) that no formula term covers "
                       "(the difference above, if any):")
-        console.print(schedule_table("Not in the formulas", extra, s, next(iter(s.ranks))))
+        console.print(schedule_table("Not in the formulas", extra, s, next(iter(s.ranks)),
+                                     limit=SHOWN_ROWS))
     _print_sequence_work(plan, console)
     if verbose_terms:
         for vol in analytic.values():

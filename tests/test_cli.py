@@ -24,6 +24,26 @@ def test_explain_prints_plan_schedule_and_totals(cli) -> None:
     assert out.count("exact") == 2  # dp and tp totals equal their formulas
 
 
+def test_explain_shortens_a_long_schedule_and_keeps_its_ends() -> None:
+    """A pipeline of many microbatches records hundreds of thousands of collectives;
+    explain's table shows the first and last rows and how many it left out (rendering
+    every row took minutes at 70B on 1,024 ranks)."""
+    from rich.console import Console
+
+    from lowering.printer import schedule_table
+
+    s = explain(layout("gpt-tiny", dp=2, tp=2)).schedules
+    recs = s.ranks[0]
+    console = Console(record=True, width=250)
+    console.print(schedule_table("t", recs, s, 0, limit=15))
+    text = console.export_text()
+    rows = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
+    assert rows == [str(r.index) for r in recs[:5]] + ["..."] + [str(r.index) for r in recs[-10:]]
+    assert f"{len(recs) - 15:,} more collectives (every one: --json)" in text
+    console.print(schedule_table("t", recs, s, 0, limit=len(recs)))  # fits: every row
+    assert "more collectives" not in console.export_text()
+
+
 def test_explain_all_ranks_groups_identical_schedules(cli) -> None:
     code, out, _ = cli("explain", "gpt-tiny", "--mesh", "dp=2,tp=2", "--all-ranks")
     assert code == 0
