@@ -5,9 +5,9 @@ from __future__ import annotations
 import difflib
 import enum
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Self, TypeVar
 
-__all__ = ["ShardingError", "ShardingWarning", "closest", "divisors", "fmt_spec", "choice"]
+__all__ = ["ShardingError", "ShardingWarning", "Choice", "closest", "divisors", "fmt_spec", "choice"]
 
 _E = TypeVar("_E", bound=enum.Enum)
 
@@ -50,6 +50,28 @@ def divisors(n: int) -> list[int]:
 def fmt_spec(entries: Iterable[object]) -> str:
     """Format spec entries in the notation of the docs: ``P('dp', None, ('dp', 'ep'))``."""
     return "P(" + ", ".join(repr(e) for e in entries) + ")"
+
+
+class Choice(enum.Enum):
+    """An enum of names a user picks by keyword and flag (``Schedule``, ``Phase``...):
+    ``parse`` takes a member or its name, ``str()`` is the name. A subclass says how
+    errors name it: ``class Schedule(Choice, what="pipeline schedule",
+    keyword="schedule", flag="--schedule")``."""
+
+    def __init_subclass__(cls, *, what: str = "", keyword: str = "", flag: str = "",
+                          **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._named = (what, keyword, flag)
+
+    @classmethod
+    def parse(cls, name: object) -> Self:
+        """The member ``name`` names (case-insensitive); anything else is a ShardingError
+        naming the keyword, the flag and the closest name."""
+        what, keyword, flag = cls._named
+        return choice(cls, name, what=what, keyword=keyword, flag=flag)
+
+    def __str__(self) -> str:
+        return str(self.value)
 
 
 def choice(kind: type[_E], value: object, *, what: str, keyword: str, flag: str) -> _E:

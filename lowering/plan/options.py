@@ -16,27 +16,20 @@ import math
 from dataclasses import dataclass, field
 
 import shardlang as sl
-from shardlang.errors import choice, closest, divisors
+from shardlang.errors import Choice, closest, divisors
 
 __all__ = ["Options", "Precision", "Recompute", "Schedule", "check_executed", "option_fields", "given", "check_options"]
 
 
-class Precision(enum.Enum):
+class Precision(Choice, what="precision", keyword="precision", flag="--precision"):
     """What compute runs in: ``fp32``, or ``bf16`` (fp32 master parameters and optimizer
     state, bf16 compute and FSDP gathers, fp32 gradient reductions)."""
 
     FP32 = "fp32"
     BF16 = "bf16"
 
-    @classmethod
-    def parse(cls, name: str | Precision) -> Precision:
-        return choice(cls, name, what="precision", keyword="precision", flag="--precision")
 
-    def __str__(self) -> str:
-        return self.value
-
-
-class Recompute(enum.Enum):
+class Recompute(Choice, what="recompute", keyword="recompute", flag="--recompute"):
     """Activation recompute, as ``explain --device`` and ``plan`` model it: ``none``;
     ``full`` (each layer of the stack keeps only its input and re-runs its forward,
     collectives included, in the backward); ``selective`` (the attention core's
@@ -47,25 +40,13 @@ class Recompute(enum.Enum):
     SELECTIVE = "selective"
     FULL = "full"
 
-    @classmethod
-    def parse(cls, name: str | Recompute) -> Recompute:
-        return choice(cls, name, what="recompute", keyword="recompute", flag="--recompute")
 
-    def __str__(self) -> str:
-        return self.value
-
-
-class Schedule(enum.Enum):
+class Schedule(Choice, what="pipeline schedule", keyword="schedule", flag="--schedule"):
     """A pipeline schedule (``torch.distributed.pipelining``'s three)."""
 
     GPIPE = "gpipe"
     ONE_F_ONE_B = "1f1b"
     INTERLEAVED = "interleaved"
-
-    @classmethod
-    def parse(cls, name: str | Schedule) -> Schedule:
-        """``"1f1b"`` -> ``Schedule.ONE_F_ONE_B``; an unknown name is a ShardingError."""
-        return choice(cls, name, what="pipeline schedule", keyword="schedule", flag="--schedule")
 
 
 def _opt(default: object, flag: str, help: str, metavar: str | None = None) -> object:  # noqa: A002

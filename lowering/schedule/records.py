@@ -13,22 +13,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import shardlang as sl
-from shardlang.errors import choice
+from shardlang.errors import Choice
 
 __all__ = ["Phase", "Op", "Record", "Cost", "RankSchedules", "wire_bytes", "schedule_json", "totals"]
 
 
-class Phase(enum.Enum):
+class Phase(Choice, what="phase", keyword="phase", flag="--phase"):
     """Which part of a training step a collective belongs to."""
 
     FORWARD = "forward"
     BACKWARD = "backward"
     OPTIMIZER = "optimizer"
-
-    @classmethod
-    def parse(cls, name: str | Phase) -> Phase:
-        """``"forward"`` -> ``Phase.FORWARD``; anything else is a ShardingError."""
-        return choice(cls, name, what="phase", keyword="phase", flag="--phase")
 
 
 @dataclass(frozen=True)
