@@ -238,3 +238,17 @@ def test_plan_recomputes_where_a_layout_does_not_fit_and_modes_refuse_it() -> No
         simulate(_llama(2, "dp=2", recompute="full"))
     with pytest.raises(sl.ShardingError, match="recompute"):
         Layout.of("gpt-tiny", "dp=2", recompute="fully")
+
+
+@pytest.mark.parametrize(("mesh", "kw"), [("dp=2,tp=2", {}),
+                                          ("pp=2,dp=2", {"microbatches": 4, "schedule": "1f1b"})])
+def test_a_trace_under_another_recompute_mode_equals_its_own_trace(mesh: str, kw: dict) -> None:
+    """plan re-reads a traced layout that does not fit under full recompute instead of
+    tracing it again: memory and prediction must equal a trace made with recompute."""
+    h100 = device("h100-80gb")
+    traced = explain(Layout.of("gpt-tiny", mesh, recompute="full", **kw))
+    again = explain(Layout.of("gpt-tiny", mesh, **kw))
+    reread = again.with_recompute("full")
+    assert reread.memory == traced.memory and reread.predict(h100) == traced.predict(h100)
+    assert reread.memory[0].activations < again.memory[0].activations
+    assert again.with_recompute("none").memory == again.memory

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 import shardlang as sl
-from lowering.plan import (AxisVolume, Device, Memory, Options, Plan, Predicted, StackCost,
-                           analytic_volume, lower, predict, recomputed_compute,
+from lowering.plan import (AxisVolume, Device, Memory, Options, Plan, Predicted, Recompute,
+                           StackCost, analytic_volume, lower, predict, recomputed_compute,
                            recomputed_records, check_executed)
 from lowering.run.guard import CheckMode
 from lowering.run.parity import Parity, check_parity
@@ -111,6 +111,20 @@ class Explained:
     precision: str = "fp32"
     #: likewise: pp coordinate -> chunk -> the layer stack's forward (for recompute)
     stack: dict[int, dict[int, StackCost]] = dataclasses.field(default_factory=dict)
+    #: each trace's memory report for a plan (:meth:`with_recompute`)
+    reports: list[Callable[[Plan], dict[int, Memory]]] = dataclasses.field(default_factory=list)
+
+    def with_recompute(self, mode: str) -> Explained:
+        """The same trace under another recompute mode: a dry trace runs the same ops
+        whatever the mode, which changes only the memory report and the prediction
+        (``plan`` asks this of a traced layout that does not fit, instead of a second trace)."""
+        options = dataclasses.replace(self.plan.options, recompute=Recompute.parse(mode))
+        plan = dataclasses.replace(self.plan, options=options)
+        memory: dict[int, Memory] = {}
+        for report in self.reports:
+            memory.update(report(plan))
+        return dataclasses.replace(self, plan=plan,
+                                   memory={r: memory[r] for r in self.memory if r in memory})
 
     def predict(self, dev: Device, *, gpus_per_node: int | None = None) -> Predicted:
         """The step's predicted time on ``dev`` (:mod:`lowering.plan.time`), under the
@@ -175,10 +189,11 @@ def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
     stage = layout.mesh.size // layout.mesh.pp
     first, *rest = traced_ranks(layout.mesh, want)
     plan, traces[first], models, result = _dry_trace(layout, first, data, fresh, watch)
-    memory = dict(result.memory)
+    memory, reports = dict(result.memory), [result.report]
     for r in rest:
         _, traces[r], _, more = _dry_trace(layout, r, data)
         memory.update(more.memory)
+        reports.append(more.report)
     shown = want[0] // stage  # the totals compare the first asked-for rank's stage
     model = models[shown]
     batch, seq = layout.shapes(model)
@@ -189,7 +204,8 @@ def explain(layout: Layout, *, ranks: Sequence[int] | None = None,
     return Explained(plan, sched, analytic_volume(plan, model, batch=batch, seq=seq,
                                                   pp_rank=shown), traced,
                      {r: memory[r] for r in want if r in memory}, result.compute,
-                     traces[first], batch * seq, layout.options.precision.value, result.stack)
+                     traces[first], batch * seq, layout.options.precision.value, result.stack,
+                     [r for r in reports if r is not None])
 
 
 def gather_records(records: list[Record], world: int) -> dict[int, list[Record]]:

@@ -5,6 +5,7 @@ own stage under ``torch.distributed.pipelining`` (run mode)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -132,9 +133,10 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
         watch.close()
         result.stack = watch.stack
     if meter is not None:
-        result.memory = meter.report(plan, result.stage_records, stage_world=sess.stage_world,
-                                     first_rank=0 if local > 1 else sess.rank % sess.stage_world,
-                                     stack=result.stack)
+        result.report = functools.partial(
+            meter.report, records=result.stage_records, stage_world=sess.stage_world,
+            first_rank=0 if local > 1 else sess.rank % sess.stage_world, stack=result.stack)
+        result.memory = result.report(plan)
     return result
 
 

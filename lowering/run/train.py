@@ -8,6 +8,7 @@ rank per process); only the session differs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
@@ -90,6 +91,9 @@ class TrainResult:
     compute: dict[int, dict[tuple[str, int], Cost]] = field(default_factory=dict)
     #: likewise: pp coordinate -> chunk -> the layer stack's forward (for recompute)
     stack: dict[int, dict[int, StackCost]] = field(default_factory=dict)
+    #: dry mode with cfg.memory: the memory report for a plan (another recompute mode of
+    #: the same trace: the trace does not depend on it, only the report does)
+    report: Callable[[Plan], dict[int, Memory]] | None = None
 
 
 def _values(t: torch.Tensor, world: int) -> list[torch.Tensor]:
@@ -185,9 +189,10 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
         watch.close()
         result.stack = watch.stack
     if meter is not None and sess is not None:
-        result.memory = meter.report(plan, {0: result.records},  # type: ignore[arg-type]
-                                     first_rank=0 if world > 1 else sess.rank % sess.stage_world,
-                                     stage_world=sess.stage_world, stack=result.stack)
+        first, records = 0 if world > 1 else sess.rank % sess.stage_world, {0: result.records}
+        result.report = functools.partial(meter.report, records=records, first_rank=first,
+                                          stage_world=sess.stage_world, stack=result.stack)
+        result.memory = result.report(plan)
     return result
 
 

@@ -160,15 +160,17 @@ def search(layout: Layout, world: int, dev: Device, *, top: int = 3,
         except sl.ShardingError:
             continue  # a shape the formulas did not catch (heads, experts, ...): skip it
         out.traced += 1
-        worst = max(ex.memory, key=lambda r: ex.memory[r].peak)
-        if ex.memory[worst].peak > dev.memory:
+        # traced, it does not fit: the same trace under the next recompute mode (a dry
+        # trace does not depend on the mode, only its memory report and prediction do)
+        for mode in modes[modes.index(c.recompute):]:
+            c = dataclasses.replace(c, recompute=mode)
+            ex = ex if ex.plan.options.recompute.value == mode else ex.with_recompute(mode)
+            worst = max(ex.memory, key=lambda r: ex.memory[r].peak)
+            if ex.memory[worst].peak <= dev.memory:
+                out.found.append(Found(c, ex.predict(dev, gpus_per_node=g), ex.memory[worst],
+                                       worst, est))
+                break
             out.no_fit += 1
-            later = modes[modes.index(c.recompute) + 1:]
-            if later:  # traced, it does not fit: the same layout with recompute, next
-                queue.append((est, dataclasses.replace(c, recompute=later[0])))
-            continue
-        out.found.append(Found(c, ex.predict(dev, gpus_per_node=g), ex.memory[worst], worst,
-                               est))
     if not out.found:
         raise sl.ShardingError(
             f"plan: no layout of {world} rank{'s' if world > 1 else ''} fits {dev.name}'s {human(dev.memory)} per GPU "
