@@ -34,7 +34,6 @@ from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils import _pytree
-from torch.utils import flop_counter as _flops
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
@@ -47,7 +46,8 @@ __all__ = [
     "rank_index", "forget_dtensor_caches", "init_fake", "interleaved_order", "default_store",
     "group_ranks", "module_tracker", "tracker_snapshot", "register_cpu_sdpa",
     "instrument_pipeline_stage", "quiet_dtensor_warnings", "free_storage", "refill_storage",
-    "storage_freed", "storage_blocks", "sdpa", "op_cost", "dtensor_op_handlers", "optimizer_step_hooks",
+    "storage_freed", "storage_blocks", "sdpa", "CPU_FLASH", "CPU_FLASH_BACKWARD", "ATTENTION_OPS",
+    "dtensor_op_handlers", "optimizer_step_hooks",
     "loss_parallel_active",
 ]
 
@@ -327,61 +327,14 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
                                           enable_gqa=enable_gqa)
 
 
-_CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-_CPU_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
-_ATTENTION = {_CPU_FLASH, _CPU_FLASH_BACKWARD, *(
+#: fused attention kernels (op_cost counts their FLOPs apart: they run at their own speed)
+CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+CPU_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+ATTENTION_OPS = frozenset({CPU_FLASH, CPU_FLASH_BACKWARD, *(
     op.default for op in (torch.ops.aten._scaled_dot_product_flash_attention,
                           torch.ops.aten._scaled_dot_product_flash_attention_backward,
                           torch.ops.aten._scaled_dot_product_efficient_attention,
-                          torch.ops.aten._scaled_dot_product_efficient_attention_backward))}
-
-
-_FACTORIES = {getattr(torch.ops.aten, n) for n in (
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros",
-    "zeros_like", "new_zeros", "ones", "ones_like", "new_ones", "full", "full_like",
-    "new_full", "scalar_tensor", "arange", "lift_fresh", "_local_scalar_dense")}
-
-
-def _tensor_bytes(tree: object) -> int:
-    return sum(t.numel() * t.element_size() for t in _pytree.tree_leaves(tree)
-               if isinstance(t, torch.Tensor))
-
-
-def op_cost(func: Any, args: tuple, kwargs: dict, out: object) -> tuple[int, int, str]:
-    """One aten op's cost on this rank's tensors: ``(flops, bytes, attention)``.
-
-    ``flops``: ``torch.utils.flop_counter``'s formula (matmuls, convolutions and fused
-    attention; the causal mask is not discounted), the CPU fused attention counted like
-    the CUDA one. ``bytes``: what an op without a FLOP formula reads and writes (its
-    tensor inputs and outputs; 0 for a view and an allocation). ``attention``: ``""``, or
-    ``"full"`` / ``"causal"`` for a fused attention kernel without / with a causal mask
-    (a causal kernel skips the masked half of its blocks)."""
-    def kind(causal: bool) -> str:
-        return "causal" if causal else "full"
-
-    if func is _CPU_FLASH:
-        q, k, v = args[:3]
-        causal = bool(args[4] if len(args) > 4 else kwargs.get("is_causal", False))
-        return _flops.sdpa_flop_count(q.shape, k.shape, v.shape), 0, kind(causal)
-    if func is _CPU_FLASH_BACKWARD:
-        g, q, k, v = args[:4]
-        causal = bool(args[7] if len(args) > 7 else kwargs.get("is_causal", False))
-        return (_flops.sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape), 0,
-                kind(causal))
-    formula = _flops.flop_registry.get(func._overloadpacket)
-    if formula is not None:
-        flops = int(formula(*args, **kwargs, out_val=out))
-        if func not in _ATTENTION:
-            return flops, 0, ""
-        causal = bool(kwargs.get("is_causal", args[4] if len(args) > 4
-                                 and isinstance(args[4], bool) else False))
-        return flops, 0, kind(causal)
-    if func._overloadpacket in _FACTORIES:
-        return 0, 0, ""  # allocations (and the optimizer's state, made once)
-    returns = func._schema.returns
-    if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
-        return 0, 0, ""  # a view: no memory traffic
-    return 0, _tensor_bytes((args, kwargs)) + _tensor_bytes(out), ""
+                          torch.ops.aten._scaled_dot_product_efficient_attention_backward))})
 
 
 def quiet_dtensor_warnings() -> None:

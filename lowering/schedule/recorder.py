@@ -19,7 +19,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from lowering._torch import (TorchDispatchMode, in_backward, is_functional_collective,
-                             is_higher_order, module_tracker, op_cost, op_name, tracker_snapshot)
+                             is_higher_order, module_tracker, op_name, tracker_snapshot)
+from lowering.schedule.op_cost import op_cost
 from lowering.schedule.records import Cost, Op, Phase, Record
 
 __all__ = ["Recorder", "CollectiveCheck", "site", "logical", "running_module"]
