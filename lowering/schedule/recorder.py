@@ -190,7 +190,9 @@ class Recorder(TorchDispatchMode):
 
     def _record(self, name: str, args: Sequence[object]) -> None:
         x = args[0]
-        assert isinstance(x, torch.Tensor), "functional collectives take a tensor first"
+        if not isinstance(x, torch.Tensor):  # torch's functional collectives' signature
+            raise TypeError(f"functional collective {name} got {type(x).__name__} first, "
+                            "not a tensor: a torch version this recorder does not know")
         group_name = args[-1]
         axis, n = self.group_axes.get(str(group_name), ("?", 1))
         shape, nbytes = tuple(x.shape), _nbytes(x)
