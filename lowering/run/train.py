@@ -8,8 +8,8 @@ rank per process); only the session differs.
 from __future__ import annotations
 
 import contextlib
-import functools
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
