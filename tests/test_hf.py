@@ -223,6 +223,26 @@ def test_dry_mode_answers_from_known_values_and_names_the_module_otherwise() -> 
         explain(bad)
 
 
+def test_known_values_cover_large_constant_masks_and_forget_stale_writes() -> None:
+    """The all-ones attention mask of a published batch (2,048 x 8,192: over the shadow
+    limit) still answers HF's ``fast_all``; a view keeps its shadow; a tensor written in
+    place from an untracked value loses it (a stale answer would be a wrong schedule)."""
+    from lowering.plan.meta import LIMIT, KnownValues
+
+    with KnownValues():
+        mask = torch.ones(2048, 8192, dtype=torch.long, device="meta")
+        assert mask.numel() > LIMIT
+        assert bool(mask.sum() == mask.numel())
+        assert bool(mask.bool().all()) and int((mask.float() * 3 + 1).max()) == 4
+        assert bool(mask[:, :16].all()) and bool(mask.expand(2, 2048, 8192)[1, 0, 0] == 1)
+        assert float(torch.full((4096, 4096), 2.5, device="meta").max()) == 2.5
+        z = torch.zeros(4, device="meta")
+        assert not bool(z.any())
+        z.copy_(torch.empty(4, device="meta"))  # values dry mode does not know
+        with pytest.raises(sl.ShardingError, match="data-dependent"):
+            bool(z.any())
+
+
 # -- run mode: one torchrun launch, several layouts -------------------------------------------
 @pytest.mark.torchrun
 def test_run_mode_under_torchrun_records_the_dry_schedule(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from lowering.cli import main
 from lowering.plan import (Pipe, Schedule, bubble_of, bubble_theory, collective_seconds, device,
                            predict, timeline)
 from lowering.plan.search import Candidate, candidates, estimate
-from lowering.plan.time import predict_items
+from lowering.plan.time import compute_seconds, predict_items
 from lowering.run import Layout, explain, resolve, simulate
 from lowering.schedule import Cost, Op, Phase, Record
 from lowering.search import profile, search
@@ -77,6 +77,50 @@ def test_collective_and_compute_terms_are_the_formulas() -> None:
     assert p.tflops_per_gpu == pytest.approx(3.0 / p.step_s)
     assert p.mfu == pytest.approx(p.tflops_per_gpu * 1e12 / 989e12)
     assert p.tokens_per_s == pytest.approx(1000 / p.step_s)
+
+
+def _rms_norm_then_matmul(x: torch.Tensor, w: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    h = x.float()  # HF's RMSNorm, eagerly: upcast, square, mean, rsqrt, scale, downcast
+    y = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * w
+    return y.view(-1, y.shape[-1]) @ proj
+
+
+def test_fused_bytes_read_a_chains_inputs_once_and_write_what_leaves_it() -> None:
+    """An eager RMSNorm moves ~10 activations of bytes; fused (one kernel between two
+    matmuls) it reads x and w once and writes y once, for the matmul: exactly that. The
+    GPU profiles time the fused bytes, the cpu profile (eager shardlang) every op's."""
+    from lowering.schedule.recorder import Recorder
+
+    x = torch.empty(4, 64, 256, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(256, dtype=torch.bfloat16, device="meta")
+    proj = torch.empty(256, 512, dtype=torch.bfloat16, device="meta")
+    rec = Recorder({})
+    rec.count_compute = True
+    with rec.recording():
+        out = _rms_norm_then_matmul(x, w, proj)
+        c = rec.compute_total()
+    act = 4 * 64 * 256 * 2
+    assert c.flops == 2 * 256 * 256 * 512 and out.shape == (256, 512)
+    assert c.memory_bytes(fused=True) == act + 512 + act  # read x, read w, write y
+    assert c.bytes > 8 * act  # eager: every op reads and writes its whole tensors
+    with rec.recording():  # a pending tensor alive at a boundary is in memory: written
+        y = x.float() * 2
+        c2 = rec.compute_total() - c
+    assert c2.memory_bytes(fused=True) == act + y.numel() * 4
+    g, cpu = device("h100-80gb"), device("cpu")
+    assert g.fuses and not cpu.fuses
+    assert compute_seconds(c, g, "bf16") - compute_seconds(Cost(c.flops), g, "bf16") == \
+        pytest.approx(c.memory_bytes(True) / (g.hbm_bw * g.hbm_efficiency))
+    assert compute_seconds(c, cpu, "bf16") - compute_seconds(Cost(c.flops), cpu, "bf16") == \
+        pytest.approx(c.bytes / cpu.hbm_bw)
+
+
+def test_a_traced_model_moves_fewer_bytes_fused_than_eager() -> None:
+    ex = explain(Layout.of("gpt-tiny", "dp=2,tp=2", precision="bf16"))
+    for cost in ex.compute[0].values():
+        assert 0 < cost.memory_bytes(fused=True) <= cost.bytes
+    f = ex.compute[0][("F", 0)]
+    assert f.memory_bytes(fused=True) < 0.7 * f.bytes  # its chains: gelu, residuals, casts
 
 
 def test_hidden_gradient_buckets_cost_only_the_last() -> None:

@@ -21,6 +21,11 @@ The time model's factors, the same for every GPU and not fitted to any training 
   0.35 on H100 and H200 (one chip) and, for want of a published figure, on B200.
 * ``hbm_efficiency`` 0.8: the fraction of the datasheet HBM bandwidth a streaming kernel
   reaches (STREAM-like copies on A100/H100 reach 80-90%).
+* ``fuses`` (True on GPUs): memory-bound ops move the bytes a fusing stack moves
+  (:mod:`lowering.schedule.fusion`), not every eager op's. GPU training at scale runs fused
+  norms, rotary, SwiGLU and cross-entropy kernels (Megatron-LM, Transformer Engine) or
+  ``torch.compile``; the ``cpu`` profile predicts shardlang's own eager CPU runs, so it
+  counts every op (False).
 * latencies per ring step, 2 us over NVLink and 8 us over the network: the order of
   NCCL's own tuning model (``src/graph/tuning.cc``: base and per-hop latencies of a few
   microseconds, higher over the network).
@@ -53,6 +58,7 @@ class Device:
     matmul_efficiency: float = 0.7
     attention_efficiency: float = 0.35
     hbm_efficiency: float = 0.8
+    fuses: bool = True
     intra_node_latency: float = 2e-6
     inter_node_latency: float = 8e-6
 
@@ -91,7 +97,7 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
             "14.9 GB/s read + write",
             "links: gloo over loopback TCP; 1 GB/s is an order of magnitude, not a "
             "measurement"), matmul_efficiency=1.0, attention_efficiency=1.0,
-           hbm_efficiency=1.0,
+           hbm_efficiency=1.0, fuses=False,
            intra_node_latency=50e-6, inter_node_latency=50e-6),
 )}
 

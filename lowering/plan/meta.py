@@ -13,7 +13,13 @@ That holds for everything derived from shapes and constants, which is all it tra
 a tensor computed from parameters, token ids or random numbers has no shadow, and a
 data-dependent question about it is a :class:`shardlang.ShardingError` that names the
 module and the op (such a model needs data-dependent shapes: simulate it instead).
-Only tensors of at most :data:`LIMIT` elements get shadows, so dry mode stays small.
+Only tensors of at most :data:`LIMIT` elements get shadows, so dry mode stays small, with
+two exceptions that cost no memory at any size: a constant fill (``ones``, ``zeros``,
+``full`` and their ``_like``/``new_`` forms: its shadow is one element expanded, so an
+all-ones attention mask of a 2,048 x 8,192 batch still answers ``mask.all()``), what a
+pointwise op or a dtype cast makes of constants (computed on one element, expanded), and
+a view of a shadowed tensor. A tensor written in place by an op whose result is not tracked
+loses its shadow, so a stale value is never an answer.
 """
 
 from __future__ import annotations
@@ -39,6 +45,38 @@ _RANDOM = {"rand", "randn", "randint", "randperm", "bernoulli", "normal", "unifo
 
 def _is_meta(t: object) -> bool:
     return type(t) is torch.Tensor and t.device.type == "meta"
+
+
+#: constant fills: op name -> where its fill value is (None: the name says, 1 or 0)
+_FILLS = {"ones": None, "ones_like": None, "new_ones": None, "zeros": None,
+          "zeros_like": None, "new_zeros": None, "full": 1, "full_like": 1, "new_full": 2}
+
+
+def _is_view(func: Any) -> bool:
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write
+                                 for r in returns)
+
+
+def _fill(func: Any, args: tuple, kwargs: dict) -> object:
+    """A constant fill's value, or None when ``func`` is not one."""
+    name = func.__name__.split(".")[0]
+    if name not in _FILLS:
+        return None
+    at = _FILLS[name]
+    if at is None:
+        return 1 if "ones" in name else 0
+    value = args[at] if len(args) > at else kwargs.get("fill_value")
+    return value if isinstance(value, (bool, int, float)) else None
+
+
+def _constant(r: torch.Tensor) -> bool:
+    """One value everywhere, stored once (a constant fill's shadow)."""
+    return r.numel() > 0 and all(st == 0 for st, n in zip(r.stride(), r.shape) if n > 1)
+
+
+def _one(r: torch.Tensor) -> torch.Tensor:
+    return r.as_strided((1,) * r.dim(), (0,) * r.dim())
 
 
 def _is_random(func: Any) -> bool:
@@ -72,6 +110,13 @@ class KnownValues(TorchDispatchMode):
         with torch.no_grad():
             return func(*tree_map(self._real, args), **tree_map(self._real, kwargs))
 
+    def _of_constants(self, func: Any, metas: list[torch.Tensor]) -> bool:
+        """A pointwise op or a cast, not in place, of shadowed constants only: its result
+        is one value everywhere too."""
+        return (bool(metas) and not func._schema.is_mutable
+                and (torch.Tag.pointwise in func.tags or func is _aten._to_copy.default)
+                and all(_constant(self.shadow[m]) for m in metas))
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         flat, _ = tree_flatten((args, kwargs))
@@ -96,11 +141,27 @@ class KnownValues(TorchDispatchMode):
             self.shadow[out] = real
             return out
         out = func(*args, **kwargs)
-        outs = [o for o in tree_flatten(out)[0] if _is_meta(o)]
-        if outs and known and all(o.numel() <= LIMIT for o in outs) and (
-                metas or not func.__name__.startswith("empty")):
-            real = self._compute(func, args, kwargs)
-            for o, r in zip(tree_flatten(out)[0], tree_flatten(real)[0]):
-                if _is_meta(o) and isinstance(r, torch.Tensor):
-                    self.shadow[o] = r
+        flat_out = tree_flatten(out)[0]
+        outs = [o for o in flat_out if _is_meta(o)]
+        real: object = None
+        if outs and known and (metas or not func.__name__.startswith("empty")):
+            fill = _fill(func, args, kwargs)
+            if all(o.numel() <= LIMIT for o in outs) or (_is_view(func) and metas):
+                try:
+                    real = self._compute(func, args, kwargs)
+                except RuntimeError:  # e.g. written in place through an expanded shadow
+                    real = None
+            elif fill is not None and len(outs) == 1:
+                real = torch.tensor(fill, dtype=outs[0].dtype).expand(outs[0].shape)
+            elif len(outs) == 1 and self._of_constants(func, metas):
+                one = self._compute(func, *tree_map(
+                    lambda x: _one(self.shadow[x]) if _is_meta(x) else x, (args, kwargs)))
+                real = one.expand(outs[0].shape) if isinstance(one, torch.Tensor) else None
+        if real is None:
+            for o in outs:  # written without a tracked value (in place): forget the old one
+                self.shadow.pop(o, None)
+            return out
+        for o, r in zip(flat_out, tree_flatten(real)[0]):
+            if _is_meta(o) and isinstance(r, torch.Tensor):
+                self.shadow[o] = r
         return out

@@ -7,7 +7,10 @@ bytes of every other op) and its recorded collectives. The model:
 
 * **compute** of an action: ``matmul flops / (peak(precision) * matmul_efficiency) +
   attention flops / (peak * attention_efficiency) + bytes / (hbm_bw * hbm_efficiency)``
-  (:mod:`lowering.plan.devices` for the factors and their sources); a causal fused
+  (:mod:`lowering.plan.devices` for the factors and their sources), where ``bytes`` are
+  those of the memory-bound ops after fusion on a GPU (:mod:`lowering.schedule.fusion`:
+  chains of pointwise ops and reductions between two matmuls as one kernel, as fused
+  kernels and ``torch.compile`` run them) and every eager op's on ``cpu``; a causal fused
   attention's FLOPs count half (its kernel skips the masked blocks). Reported
   TFLOP/s count every traced FLOP (causal attention in full, as 6ND-style counts do).
 * **a collective**: ``latency * ring steps + wire bytes / bandwidth`` with the ring
@@ -71,12 +74,13 @@ class Predicted:
 def compute_seconds(c: Cost, dev: Device, precision: str) -> float:
     """Matmul FLOPs at the device's achievable fraction of its peak, fused attention's at
     the attention kernel's (a causal one runs half its counted FLOPs), every other op's
-    bytes at its achievable bandwidth."""
+    bytes at its achievable bandwidth: those a fusing stack moves on a GPU profile, every
+    eager op's on one that does not fuse (``cpu``)."""
     peak = dev.peak(precision)
     attention = c.attention_flops - 0.5 * c.causal_flops
     return ((c.flops - c.attention_flops) / (peak * dev.matmul_efficiency)
             + attention / (peak * dev.attention_efficiency)
-            + c.bytes / (dev.hbm_bw * dev.hbm_efficiency))
+            + c.memory_bytes(dev.fuses) / (dev.hbm_bw * dev.hbm_efficiency))
 
 
 def _stride(mesh: sl.Mesh, axis: str) -> int:

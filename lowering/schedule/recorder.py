@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from lowering._torch import (TorchDispatchMode, in_backward, is_functional_collective,
                              is_higher_order, module_tracker, op_name, tracker_snapshot)
+from lowering.schedule.fusion import Fusion
 from lowering.schedule.op_cost import op_cost
 from lowering.schedule.records import Cost, Op, Phase, Record
 
@@ -93,7 +94,8 @@ class Recorder(TorchDispatchMode):
         self._paused = 0
         #: with ``count_compute`` (dry mode's prediction): this rank's compute per phase
         self.count_compute = False
-        self.compute: dict[Phase, Cost] = {}
+        self._compute: dict[Phase, Cost] = {}
+        self._fusion = Fusion()
 
     # -- context --------------------------------------------------------------
     @contextlib.contextmanager
@@ -169,24 +171,41 @@ class Recorder(TorchDispatchMode):
             name = op_name(func)
             if name in self._RECORDED and not self._paused:
                 self._record(name, args)
+            if self.count_compute:
+                self._fusion.consume((args, kwargs))
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         if self.count_compute and not self._paused and not types:  # plain tensors only:
             # a subclass here (DTensor's FakeTensor sharding propagation) is not compute
             flops, nbytes, attention = op_cost(func, args, kwargs, out)
+            ph = self.current_phase()
+            self._fusion.op(func, args, kwargs, out, fuses=not flops, eager_bytes=nbytes,
+                            phase=ph)
             if flops or nbytes:
-                ph = self.current_phase()
-                self.compute[ph] = self.compute.get(ph, Cost()) + Cost(
-                    flops, nbytes, flops if attention else 0,
-                    flops if attention == "causal" else 0)
+                self._add(ph, Cost(flops, nbytes, flops if attention else 0,
+                                   flops if attention == "causal" else 0, 0.0))
         return out
 
+    def _add(self, phase: Phase, cost: Cost) -> None:
+        self._compute[phase] = self._compute.get(phase, Cost(fused_bytes=0.0)) + cost
+
+    @property
+    def compute(self) -> dict[Phase, Cost]:
+        """This rank's compute per phase so far; fused bytes of tensors still pending are
+        counted as written (a boundary: :meth:`lowering.schedule.fusion.Fusion.flush`)."""
+        self._fusion.flush()
+        for ph, n in self._fusion.bytes.items():
+            self._add(ph, Cost(fused_bytes=n))
+        self._fusion.bytes.clear()
+        return self._compute
+
     def compute_total(self) -> Cost:
-        return sum(self.compute.values(), Cost())
+        return sum(self.compute.values(), Cost(fused_bytes=0.0))
 
     def add_compute(self, phase: Phase, cost: Cost) -> None:
         """Add a replayed action's compute (a dry pipeline traces one microbatch)."""
-        self.compute[phase] = self.compute.get(phase, Cost()) + cost
+        self.compute  # noqa: B018  (settle the fused bytes first)
+        self._add(phase, cost)
 
     def _record(self, name: str, args: Sequence[object]) -> None:
         x = args[0]

@@ -33,15 +33,23 @@ class Cost:
     discounted, as the usual 6ND-style counts do), of which ``attention_flops`` in fused
     attention kernels and ``causal_flops`` in those with a causal mask (they skip the
     masked half), and ``bytes`` read and written by the other ops (elementwise, norms,
-    copies, the optimizer's updates; views and allocations are free)."""
+    copies, the optimizer's updates; views and allocations are free), each op on its own
+    as eager PyTorch runs it; ``fused_bytes`` those that reach memory when chains of such
+    ops are fused (:mod:`lowering.schedule.fusion`; ``None``: the same as ``bytes``)."""
 
     flops: float = 0.0
     bytes: float = 0.0
     attention_flops: float = 0.0
     causal_flops: float = 0.0
+    fused_bytes: float | None = None
 
-    def _fields(self) -> tuple[float, float, float, float]:
-        return self.flops, self.bytes, self.attention_flops, self.causal_flops
+    def _fields(self) -> tuple[float, float, float, float, float]:
+        return (self.flops, self.bytes, self.attention_flops, self.causal_flops,
+                self.bytes if self.fused_bytes is None else self.fused_bytes)
+
+    def memory_bytes(self, fused: bool) -> float:
+        """The bytes a stack that fuses (or runs every op eagerly) moves."""
+        return self._fields()[4] if fused else self.bytes
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(*(a + b for a, b in zip(self._fields(), other._fields())))
