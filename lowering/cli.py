@@ -30,7 +30,7 @@ from lowering.plan import DEVICES, Options, Schedule, describe_pipe, device, opt
 from lowering.printer import StepPrinter, print_explain
 from lowering.run import CheckMode, Layout, Parity, explain, resolve, run, simulate
 from lowering.run.launch import launch_torchrun, report_worker_error
-from lowering.run.scripts import TORCHRUN_FLAGS, is_script, run_script, simulate_script
+from lowering.run.scripts import is_script, script_command
 from lowering.run.session import device_and_backend, process_group_closed, under_torchrun
 from lowering.run.train import Checkpointing
 from lowering.schedule import RankSchedules, schedule_json
@@ -238,41 +238,6 @@ def _report(parity: Parity | None, console: Console) -> int:
     return EXIT_CHECK
 
 
-def _script_parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=f"shardlang {command} SCRIPT.py",
-        description=("run your own training script (it calls lowering.parallelize(model)) "
-                     + ("in this process, every rank simulated" if command == "simulate"
-                        else "under torchrun, one process per rank")
-                     + "; arguments after -- go to the script"))
-    p.add_argument("script")
-    p.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. dp=2,tp=2")
-    if command == "run":
-        p.add_argument("--timeout", type=float, default=600,
-                       help="seconds before the launch is stopped (default 600)")
-        for flag in TORCHRUN_FLAGS:
-            p.add_argument(flag, default=None, help="passed to torchrun (multi-node)")
-    return p
-
-
-def _script(argv: list[str]) -> int:
-    """``shardlang run|simulate SCRIPT.py --mesh M [-- ARGS]``."""
-    command, rest = argv[0], argv[1:]
-    ours, theirs = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest \
-        else (rest, [])
-    args = _script_parser(command).parse_args(ours)
-    try:
-        mesh = sl.Mesh.parse(args.mesh)
-        if command == "simulate":
-            return simulate_script(args.script, mesh, theirs)
-        flags = [f"{f}={getattr(args, f[2:].replace('-', '_'))}" for f in TORCHRUN_FLAGS
-                 if getattr(args, f[2:].replace("-", "_")) is not None]
-        return run_script(args.script, mesh, theirs, timeout=args.timeout, torchrun_args=flags)
-    except sl.ShardingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-
 def _checkpointing(args: argparse.Namespace) -> Checkpointing | None:
     if args.checkpoint is None:
         if args.save_every or args.resume:
@@ -391,7 +356,11 @@ def _warnings_as_lines() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) > 1 and argv[0] in ("run", "simulate") and is_script(argv[1]):
-        return _script(argv)
+        try:
+            return script_command(argv)
+        except sl.ShardingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     args = build_parser().parse_args(argv)
     quiet_dtensor_warnings()
     # a pipe or a log file gets wide tables instead of rich's 80-column default

@@ -10,6 +10,7 @@ processes)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import runpy
 import sys
@@ -20,7 +21,7 @@ import shardlang as sl
 from lowering.run import parallelize
 from lowering.run.launch import launch_torchrun
 
-__all__ = ["simulate_script", "run_script", "TORCHRUN_FLAGS", "is_script"]
+__all__ = ["simulate_script", "run_script", "TORCHRUN_FLAGS", "is_script", "script_command"]
 
 TORCHRUN_FLAGS = ("--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-backend", "--rdzv-id",
                   "--master-addr", "--master-port", "--max-restarts")
@@ -74,3 +75,35 @@ def run_script(script: str, mesh: sl.Mesh, args: Sequence[str], *, timeout: floa
     return launch_torchrun(mesh.size // nnodes, list(args), timeout=timeout,
                            torchrun_args=torchrun_args, script=str(path),
                            env={parallelize.MESH_ENV: str(mesh)})
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"shardlang {command} SCRIPT.py",
+        description=("run your own training script (it calls lowering.parallelize(model)) "
+                     + ("in this process, every rank simulated" if command == "simulate"
+                        else "under torchrun, one process per rank")
+                     + "; arguments after -- go to the script"))
+    p.add_argument("script")
+    p.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. dp=2,tp=2")
+    if command == "run":
+        p.add_argument("--timeout", type=float, default=600,
+                       help="seconds before the launch is stopped (default 600)")
+        for flag in TORCHRUN_FLAGS:
+            p.add_argument(flag, default=None, help="passed to torchrun (multi-node)")
+    return p
+
+
+def script_command(argv: list[str]) -> int:
+    """``shardlang run|simulate SCRIPT.py --mesh M [-- ARGS]`` (``argv`` from the command
+    on); bad input is a :class:`shardlang.ShardingError` for the CLI to print."""
+    command, rest = argv[0], argv[1:]
+    ours, theirs = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest \
+        else (rest, [])
+    args = _parser(command).parse_args(ours)
+    mesh = sl.Mesh.parse(args.mesh)
+    if command == "simulate":
+        return simulate_script(args.script, mesh, theirs)
+    flags = [f"{f}={getattr(args, f[2:].replace('-', '_'))}" for f in TORCHRUN_FLAGS
+             if getattr(args, f[2:].replace("-", "_")) is not None]
+    return run_script(args.script, mesh, theirs, timeout=args.timeout, torchrun_args=flags)
