@@ -107,8 +107,7 @@ def bench_layout(layout: Layout, *, steps: int = 10, warmup: int = 3, baseline: 
     sess: Session = state["sess"]  # type: ignore[assignment]
     if sess.rank != 0:
         return None
-    return _entry(layout, state["ranks"], state, result.bubble,  # type: ignore[arg-type]
-                  base=state.get("baseline_name"))
+    return _entry(layout, state["ranks"], state, result.bubble)  # type: ignore[arg-type]
 
 
 def _release(state: dict) -> None:
@@ -156,8 +155,7 @@ def _stop(state: dict, mine: _Rank, sess: Session, trace: bool) -> None:
             mine.trace = open(f.name).read()
 
 
-def _entry(layout: Layout, ranks: list[_Rank], state: dict, bubble: list[float], *,
-           base: str | None) -> dict:
+def _entry(layout: Layout, ranks: list[_Rank], state: dict, bubble: list[float]) -> dict:
     n = min(len(r.shardlang) for r in ranks)
     step = [max(r.shardlang[i] for r in ranks) for i in range(n)]
     med = statistics.median(step)
@@ -182,6 +180,7 @@ def _entry(layout: Layout, ranks: list[_Rank], state: dict, bubble: list[float],
         # rank 0's loss per step: the baseline trains the same model on the same batches
         "losses": {"shardlang": r0.losses, "baseline": r0.base_losses or None},
     }
+    base: str | None = state.get("baseline_name")
     if base is not None:
         m = min(len(r.baseline) for r in ranks)
         bstep = [max(r.baseline[i] for r in ranks) for i in range(m)]

@@ -104,6 +104,6 @@ def script_command(argv: list[str]) -> int:
     mesh = sl.Mesh.parse(args.mesh)
     if command == "simulate":
         return simulate_script(args.script, mesh, theirs)
-    flags = [f"{f}={getattr(args, f[2:].replace('-', '_'))}" for f in TORCHRUN_FLAGS
-             if getattr(args, f[2:].replace("-", "_")) is not None]
+    given = {f: getattr(args, f[2:].replace("-", "_")) for f in TORCHRUN_FLAGS}
+    flags = [f"{f}={v}" for f, v in given.items() if v is not None]
     return run_script(args.script, mesh, theirs, timeout=args.timeout, torchrun_args=flags)
