@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import lowering
 import shardlang as sl
 from models import GPT, GPTConfig
+from tests import user_pipeline
 from tests.user_loop import SEQ, VOCAB, TinyLM, batch, train
 
 pytestmark = pytest.mark.timeout(300)
@@ -231,9 +232,71 @@ def test_parallelize_twice_and_a_misspelt_precision_are_refused() -> None:
     lowering.parallelize(TinyLM(), "dp=2").close()  # after close() a new one is fine
 
 
-def test_a_pipeline_mesh_is_refused_with_the_way_that_works() -> None:
-    with pytest.raises(sl.ShardingError, match="pp > 1.*shardlang run MODEL"):
-        lowering.parallelize(TinyLM(), "pp=2,dp=2")
+@pytest.fixture(scope="module")
+def pipeline_reference() -> list[float]:
+    got, par = user_pipeline.train("", steps=5)
+    par.close()
+    return got
+
+
+@pytest.mark.parametrize("mesh,kw", [
+    ("pp=2", {}),
+    ("pp=2,dp=2", {"fsdp": True, "microbatches": 4, "schedule": "gpipe"}),
+    ("pp=2,dp=2,tp=2", {}),
+    ("pp=2,sp=2", {"microbatches": 4}),
+])
+def test_a_user_loop_drives_a_pipeline_with_par_step(pipeline_reference: list[float],
+                                                     mesh: str, kw: dict) -> None:
+    got, par = user_pipeline.train(mesh, steps=5, **kw)
+    par.close()
+    assert got == pytest.approx(pipeline_reference, rel=1e-5, abs=1e-5)
+
+
+def test_each_pipeline_rank_records_its_own_stage() -> None:
+    _, par = user_pipeline.train("pp=2,dp=2", steps=1)
+    first, last = par.schedule(0), par.schedule(2)  # global rank = stage * 2 + local rank
+    par.close()
+    ops = lambda recs, axis: [r.op.value for r in recs if r.axis == axis]  # noqa: E731
+    # 1F1B, 2 microbatches: the first stage sends both activations, then receives both
+    # gradients; the last receives one, sends its gradient back, then the next
+    assert ops(first, "pp")[:4] == ["send", "send", "recv", "recv"]
+    assert ops(last, "pp")[:4] == ["recv", "send", "recv", "send"]
+    for recs, own, other in ((first, {"0", "1"}, {"2", "3"}), (last, {"2", "3"}, {"0", "1"})):
+        reduced = {r.site.split(".")[1] for r in recs
+                   if r.axis == "dp" and r.site.startswith("blocks.")}
+        assert reduced == own, "a stage reduces the gradients of its own layers only"
+        assert not reduced & other
+        # the tied embedding/head: reduced over dp, then summed over pp, on both stages
+        assert [r.op.value for r in recs if r.site.startswith("emb.weight")] == \
+            ["all_reduce", "all_reduce"]
+    with pytest.raises(sl.ShardingError, match="own schedule only|ranks are 0..3"):
+        par.schedule(4)
+
+
+def test_a_checkpoint_reshards_onto_a_pipeline(tmp_path: Path) -> None:
+    ref, par = user_pipeline.train("", steps=5)
+    par.close()
+    _, par = user_pipeline.train("dp=4", steps=3, fsdp=True, save=str(tmp_path / "c"),
+                                 save_at=3)
+    par.close()
+    got, par = user_pipeline.train("pp=2,dp=2", steps=5, load=str(tmp_path / "c"))
+    par.close()
+    assert got == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)
+
+
+def test_a_pipeline_refuses_a_plain_forward_and_a_batch_it_cannot_split() -> None:
+    torch.manual_seed(0)
+    par = lowering.parallelize(user_pipeline.StackLM(), "pp=2,dp=2")
+    try:
+        x, y = user_pipeline.batch(0)
+        with pytest.raises(sl.ShardingError, match=r"par\.step\(inputs, target, loss_fn\)"):
+            par.model(x)
+        with pytest.raises(sl.ShardingError, match="multiple of 4 rows"):
+            par.step(x[:6], y[:6], user_pipeline.loss_fn)
+        with pytest.raises(sl.ShardingError, match="global batch"):
+            par.from_local(x)
+    finally:
+        par.close()
 
 
 def test_an_asynchronous_save_resumes_like_a_synchronous_one(tmp_path: Path) -> None:

@@ -118,3 +118,32 @@ def test_the_built_in_loop_saves_and_resumes_on_another_mesh(tmp_path: Path) -> 
     assert got == pytest.approx([step[0] for step in full.losses[2:]], rel=1e-5, abs=1e-5)
     res = shardlang("simulate", "gpt-tiny", "--mesh", "dp=2", "--resume")
     assert res.returncode == 2 and "--resume needs --checkpoint DIR" in res.stderr
+
+
+def test_a_pipelined_script_under_torchrun_records_what_simulate_records_and_reshards(
+        tmp_path: Path) -> None:
+    from tests import user_pipeline
+    ref, par = user_pipeline.train("", steps=6)
+    par.close()
+    _, par = user_pipeline.train("pp=2,dp=2", steps=3)
+    simulated = {r: user_pipeline.schedule_rows(par, r) for r in range(4)}
+    par.close()
+    script, out, ckpt = str(ROOT / "tests" / "user_pipeline.py"), tmp_path / "pipe.json", \
+        tmp_path / "ckpt"
+    res = shardlang("run", script, "--mesh", "pp=2,dp=2", "--", str(out), "--steps", "3",
+                    "--save", str(ckpt), "--save-at", "3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["mode"] == "run"
+    assert got["losses"] == pytest.approx(ref[:3], rel=1e-5, abs=1e-5)
+    for r in range(4):
+        part = json.loads(Path(f"{out}.rank{r}" if r else out).read_text())
+        assert part["schedules"][str(r)] == simulated[r], f"rank {r}"
+    # the pipelined checkpoint reshards: onto dp=4 (simulated) and pp=2 (torchrun)
+    resumed, par = user_pipeline.train("dp=4", steps=6, load=str(ckpt))
+    par.close()
+    assert resumed == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)
+    res = shardlang("run", script, "--mesh", "pp=2", "--", str(out), "--steps", "6",
+                    "--load", str(ckpt))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert read(out) == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)

@@ -96,7 +96,8 @@ class Chunk:
 class StageModel:
     """One pipeline rank's part of a model: its chunks, run one at a time."""
 
-    def __init__(self, model: nn.Module, plan: Plan, pipeline: PipelinePlan, pp_rank: int) -> None:
+    def __init__(self, model: nn.Module, plan: Plan, pipeline: PipelinePlan, pp_rank: int,
+                 *, keep: bool = False) -> None:
         found = layer_stack(model)
         pipe = pipeline.pipe
         if found is None:
@@ -111,10 +112,18 @@ class StageModel:
         self.chunks = pipe.chunks_of(pp_rank)
         own = {i for c in self.chunks for i in pipe.layers_of(c, self.n_layers)}
         self.blocks = {i: self.stack[i] for i in own}
-        for i in range(self.n_layers):
-            if i not in own:
-                self.stack[i] = _Skip(pipeline.layer_tuple)
+        if not keep:  # keep: every pipeline rank of this process shares the one model
+            for i in range(self.n_layers):
+                if i not in own:
+                    self.stack[i] = _Skip(pipeline.layer_tuple)
         self.dmesh: DeviceMesh | None = None
+
+    def holds(self, name: str) -> bool:
+        """This pipeline rank holds the parameter ``name`` (its own layers', or shared)."""
+        if self.is_shared(name):
+            return True
+        index = name[len(self.path) + 1:].split(".", 1)[0]
+        return index.isdigit() and int(index) in self.blocks
 
     def is_shared(self, name: str) -> bool:
         """A parameter outside the layer stack (every pipeline rank holds it)."""
@@ -125,7 +134,8 @@ class StageModel:
         layers = self.pipe.layers_of(chunk, self.n_layers)
         last = chunk == self.pipe.chunks - 1
         skip = _Skip(self.pipeline.layer_tuple)
-        for i in self.blocks:
+        resting = list(self.stack)
+        for i in range(self.n_layers):
             self.stack[i] = self.blocks[i] if i in layers else skip
         handles = []
         if h_in is not None:
@@ -143,8 +153,8 @@ class StageModel:
         finally:
             for h in handles:
                 h.remove()
-            for i in self.blocks:
-                self.stack[i] = self.blocks[i]
+            for i, mod in enumerate(resting):
+                self.stack[i] = mod
 
     def boundary(self) -> tuple[Placement, ...]:
         return placements(self.plan.rules.spec(BOUNDARY_AXES, where="the pipeline boundary"),

@@ -37,7 +37,7 @@ from lowering.parallel.tensor import loss_parallel_needed, loss_scope, next_toke
 from lowering.plan import Action, Kind, Pipe, Schedule, Slot, actions
 from lowering.schedule import Cost, Op, Phase, Record, Recorder
 
-__all__ = ["StepOut", "step_in_process", "step_torch", "reduce_grads", "funcol_all_reduce",
+__all__ = ["StepOut", "LossFn", "default_axes", "step_in_process", "step_torch", "reduce_grads", "funcol_all_reduce",
            "in_process_all_reduce", "dummy_tokens"]
 
 
@@ -50,14 +50,33 @@ class StepOut:
     costs: dict[tuple[int, Kind, int], Cost] = field(default_factory=dict)
 
 
+#: A user's loss: (the last chunk's output, this microbatch's target) -> a scalar.
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def default_axes(t: torch.Tensor) -> sl.Axes:
+    """The logical axes of an input given without any: batch, seq, then unsplit dims."""
+    return (("batch", "seq") + (None,) * t.dim())[:t.dim()]
+
+
 def _loss(constrain: Callable[[torch.Tensor, tuple], torch.Tensor], logits: torch.Tensor, tgt: torch.Tensor,
-          aux: list[torch.Tensor], rec: Recorder | None) -> tuple[torch.Tensor, torch.Tensor]:
+          aux: list[torch.Tensor], rec: Recorder | None,
+          loss: LossFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss reported, the loss differentiated: the reported one plus auxiliary
+    losses); ``loss=None`` is next-token cross-entropy."""
     with (rec.site("loss") if rec else contextlib.nullcontext()):
-        ce = next_token_loss(logits, constrain(tgt, ("batch", "seq")))
+        tgt = constrain(tgt, default_axes(tgt))
+        ce = next_token_loss(logits, tgt) if loss is None else loss(logits, tgt)
         total = ce
         for a in aux:
             total = total + a
     return ce, total
+
+
+def _scope(logits: torch.Tensor | None, loss: LossFn | None) -> contextlib.AbstractContextManager:
+    """Next-token loss: torch's vocab-parallel scope; a user's loss runs as the user's
+    loop would (its ``F.cross_entropy`` on sharded logits is vocab-parallel anyway)."""
+    return loss_scope(logits) if loss is None else contextlib.nullcontext()  # type: ignore[arg-type]
 
 
 def step_in_process(stages: Mapping[int, StageModel],
@@ -67,7 +86,7 @@ def step_in_process(stages: Mapping[int, StageModel],
                     active: Callable[[int], contextlib.AbstractContextManager],
                     tokens: Callable[[], torch.Tensor], *,
                     around: Callable[[int, Action], contextlib.AbstractContextManager] | None
-                    = None) -> StepOut:
+                    = None, loss: LossFn | None = None) -> StepOut:
     """Run every pipeline rank's actions in this process (dry and simulate modes);
     ``around(rank, action)`` wraps each action (the memory meter's)."""
     todo = {r: actions(pipe, r) for r in stages}
@@ -133,8 +152,8 @@ def step_in_process(stages: Mapping[int, StageModel],
             if j == 0:
                 out.metrics.update(ch.metrics)
             if c == last:
-                with loss_scope(ch.logits):  # type: ignore[arg-type]
-                    ce, ch.loss = _loss(con, ch.logits, tgt[j], ch.aux, rec)
+                with _scope(ch.logits, loss):
+                    ce, ch.loss = _loss(con, ch.logits, tgt[j], ch.aux, rec, loss)
                 out.losses[j] = ce.detach()
             fwd[(c, j)] = ch
             if dry:
@@ -142,7 +161,7 @@ def step_in_process(stages: Mapping[int, StageModel],
         elif a.kind is Kind.B:
             ch = fwd.pop((c, j))
             if c == last:
-                with loss_scope(ch.logits):  # type: ignore[arg-type]
+                with _scope(ch.logits, loss):
                     ch.loss.backward()  # type: ignore[union-attr]
             else:
                 torch.autograd.backward(ch.out, inbox.pop((Kind.RECV_B, c, j)))
@@ -182,8 +201,12 @@ def step_in_process(stages: Mapping[int, StageModel],
 def step_torch(stage: StageModel, ctx: DTensorContext | None, rec: Recorder | None, pipe: Pipe,
                idx: torch.Tensor, tgt: torch.Tensor, group: dist.ProcessGroup,
                device: torch.device, tokens: Callable[[], torch.Tensor],
-               constrain: Callable[[torch.Tensor, tuple], torch.Tensor]) -> StepOut:
-    """Run mode: this rank's chunks as torch.distributed.pipelining stages."""
+               constrain: Callable[[torch.Tensor, tuple], torch.Tensor], *,
+               loss: LossFn | None = None,
+               block: tuple[list[int], torch.dtype] | None = None) -> StepOut:
+    """Run mode: this rank's chunks as torch.distributed.pipelining stages; ``block`` is
+    this rank's block of the hidden state between chunks (default: from the plan's
+    trace)."""
     out = StepOut()
     last = pipe.chunks - 1
     pending_aux: list[list[torch.Tensor]] = []
@@ -204,11 +227,11 @@ def step_torch(stage: StageModel, ctx: DTensorContext | None, rec: Recorder | No
             return ch.out
 
     def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        ce, total = _loss(constrain, logits, target, pending_aux.pop(0), rec)
+        ce, total = _loss(constrain, logits, target, pending_aux.pop(0), rec, loss)
         out.losses.append(ce.detach())
         return total
 
-    ins, outs = _stage_args(stage, idx, device)
+    ins, outs = _stage_args(stage, idx, block)
     stages = []
     for c in stage.chunks:
         # static shapes: torch's runtime inference would run extra forwards and backwards
@@ -222,30 +245,33 @@ def step_torch(stage: StageModel, ctx: DTensorContext | None, rec: Recorder | No
     else:
         cls = ScheduleGPipe if pipe.schedule is Schedule.GPIPE else Schedule1F1B
         sched = cls(stages[0], pipe.microbatches, loss_fn=loss_fn, scale_grads=False)
-    scope = (loss_parallel_needed(stage.plan) if last in stage.chunks
+    scope = (loss_parallel_needed(stage.plan) if last in stage.chunks and loss is None
              else contextlib.nullcontext())
     with scope:
         sched.step(idx, target=tgt, return_outputs=False)
     return out
 
 
-def _stage_args(stage: StageModel, idx: torch.Tensor, device: torch.device
+def _stage_args(stage: StageModel, idx: torch.Tensor, block: tuple[list[int], torch.dtype] | None
                 ) -> tuple[Callable[[int], torch.Tensor], Callable[[int], torch.Tensor]]:
-    """Example input and output of each chunk (meta tensors): token ids into the first,
-    this rank's block of the hidden state between chunks, logits out of the last."""
-    if stage.pipeline.hidden is None:
-        raise sl.ShardingError(
-            "the pipeline could not see the hidden state entering the layer stack (the "
-            "model did not run on meta tensors); check it with 'shardlang explain'")
+    """Example input and output of each chunk (meta tensors): a microbatch of the input
+    into the first, this rank's block of the hidden state between chunks, the last's
+    output (never sent)."""
     m = stage.pipe.microbatches
-    shape, dtype = stage.pipeline.hidden
-    block = [shape[0] // m, *shape[1:]]
-    if stage.dmesh is not None:
-        for d, p in enumerate(stage.boundary()):
-            if isinstance(p, Shard):
-                block[p.dim] //= stage.dmesh.size(d)
-    tokens = torch.empty(idx.shape[0] // m, idx.shape[1], dtype=torch.long, device="meta")
-    hidden = torch.empty(block, dtype=dtype, device="meta", requires_grad=True)
+    if block is None:
+        if stage.pipeline.hidden is None:
+            raise sl.ShardingError(
+                "the pipeline could not see the hidden state entering the layer stack (the "
+                "model did not run on meta tensors); check it with 'shardlang explain'")
+        shape, dtype = stage.pipeline.hidden
+        local = [shape[0] // m, *shape[1:]]
+        if stage.dmesh is not None:
+            for d, p in enumerate(stage.boundary()):
+                if isinstance(p, Shard):
+                    local[p.dim] //= stage.dmesh.size(d)
+        block = (local, dtype)
+    tokens = torch.empty(idx.shape[0] // m, *idx.shape[1:], dtype=idx.dtype, device="meta")
+    hidden = torch.empty(block[0], dtype=block[1], device="meta", requires_grad=True)
     last = stage.pipe.chunks - 1
 
     def ins(c: int) -> torch.Tensor:

@@ -313,6 +313,14 @@ def user_cross_entropy(input: DTensor, target: torch.Tensor,  # noqa: A002
         return F.cross_entropy(x, target, weight=weight, ignore_index=ignore_index,
                                reduction=inner, label_smoothing=label_smoothing)
 
+    if sharded and label_smoothing:
+        # torch's loss_parallel fails to smooth labels with reduction="sum" (an in-place
+        # masked_fill on a Partial sum): gather the class dim (correct, not vocab-parallel)
+        pl = [Replicate() if isinstance(p, Shard) and p.dim == class_dim else p
+              for p in input.placements]
+        with site("loss"):
+            input = input.redistribute(input.device_mesh, pl)
+        sharded = False
     total = _VocabParallel.apply(input, loss) if sharded else loss(input)
     if reduction != "mean":
         return total

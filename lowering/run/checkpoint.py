@@ -44,6 +44,17 @@ __all__ = ["save", "load", "latest_checkpoint", "META"]
 META = "shardlang.pt"
 
 
+def _shapes(par: Parallel) -> dict[str, tuple[int, ...]]:
+    """Every parameter's global shape, over all ranks: in run mode a pipeline stage's
+    process holds only its own layers, so the processes pool what they hold."""
+    have = {n: tuple(p.shape) for n, p in par.model.named_parameters()}
+    if par.mode != "run" or par.mesh.pp == 1:
+        return have
+    every: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(every, have)
+    return {n: s for part in every for n, s in part.items()}
+
+
 def _names(par: Parallel) -> dict[int, str]:
     return {id(p): n for n, p in par.model.named_parameters()}
 
@@ -51,7 +62,7 @@ def _names(par: Parallel) -> dict[int, str]:
 def _host(t: torch.Tensor, par: Parallel) -> torch.Tensor:
     """Simulate and single mode: the whole tensor as one plain tensor (rank 0's copy)."""
     full = t.full_tensor() if isinstance(t, DTensor) else t
-    return rank_values(full.detach(), par.mesh.size)[0].clone()
+    return rank_values(full.detach(), 1)[0].clone()
 
 
 def _tensors(par: Parallel, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
@@ -80,6 +91,7 @@ def save(par: Parallel, directory: str | os.PathLike, *, step: int,
     if run:
         dist.barrier()
     state = _tensors(par, optimizer)
+    shapes = _shapes(par)
     with _quiet(not run):
         if asynchronous:
             future = dcp.async_save(state, checkpoint_id=str(tmp), no_dist=not run)
@@ -95,7 +107,7 @@ def save(par: Parallel, directory: str | os.PathLike, *, step: int,
         groups = optimizer.state_dict()["param_groups"] if optimizer is not None else None
         torch.save({"step": int(step), "extra": extra or {}, "param_groups": groups,
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "shapes": {n: tuple(p.shape) for n, p in par.model.named_parameters()},
+                    "shapes": shapes,
                     "mesh": str(par.mesh), "rng": rng}, tmp / META)
         if final.exists():
             shutil.rmtree(final)
@@ -155,6 +167,8 @@ def load(par: Parallel, directory: str | os.PathLike, *,
             raise sl.ShardingError(f"the checkpoint {path} holds no optimizer state")
         for k in optim_keys:
             n, _, field = k[len("optim."):].rpartition(".")
+            if n not in params:  # another pipeline stage's parameter
+                continue
             p = params[n]
             shape = tuple(stored[k].size)
             with host_values():
@@ -205,11 +219,17 @@ def _load_optimizer(par: Parallel, optimizer: torch.optim.Optimizer,
             f"the checkpoint's optimizer had {0 if groups is None else len(groups)} parameter "
             f"groups, this one has {len(optimizer.param_groups)}; build the optimizer as the "
             "saving run did")
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    # the hyperparameters as saved, over this optimizer's own parameters (a pipeline
+    # stage's process holds a part of them)
+    start, own = 0, []
+    for saved, mine in zip(groups, optimizer.param_groups):
+        own.append({**saved, "params": list(range(start, start + len(mine["params"])))})
+        start += len(mine["params"])
+    optimizer.load_state_dict({"state": state, "param_groups": own})
 
 
 def _check_same_model(par: Parallel, meta: dict, path: Path) -> None:
-    have = {n: tuple(p.shape) for n, p in par.model.named_parameters()}
+    have = _shapes(par)
     saved = {n: tuple(s) for n, s in meta["shapes"].items()}
     if have == saved:
         return

@@ -29,7 +29,7 @@ import atexit
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 
 import torch
@@ -46,6 +46,7 @@ from lowering.parallel.tensor import LocalOps
 from lowering.plan import Options, Plan, grad_buckets, lower
 from lowering.run.guard import CollectiveGuard
 from lowering.run.launch import report_worker_error
+from lowering.run.pipelined import PipelinedStep
 from lowering.run.values import clip_grad_norm, from_blocks, global_item
 from lowering.run.session import Mode, Session, group_axes, session, under_torchrun
 from lowering.run import checkpoint
@@ -93,11 +94,6 @@ def parallelize(model: nn.Module, mesh: sl.Mesh | str | None = None,
     mesh = _mesh_of(mesh)
     rules = rules if isinstance(rules, sl.Rules) else \
         sl.Rules.parse(rules or "", base=sl.Rules.default())
-    if mesh.pp > 1:
-        raise sl.ShardingError(
-            f"parallelize() on {mesh!r}: a user loop does not drive a pipeline yet (pp > 1); "
-            f"train pipelines with 'shardlang run MODEL --mesh {mesh}' (the built-in loop), "
-            "or drop pp from the mesh")
     options = Options.of(fsdp=fsdp, precision=precision, load_balance=load_balance,
                          schedule=schedule, microbatches=microbatches, virtual=virtual,
                          bucket_kb=bucket_kb)
@@ -130,6 +126,8 @@ class Parallel:
         self.model, self.plan, self.mesh = model, plan, plan.mesh
         self._stack = contextlib.ExitStack()
         self._last: list[Record] = []
+        self._stage_last: dict[int, list[Record]] = {}
+        self._pipe: PipelinedStep | None = None
         self._steps = 0
         _ACTIVE.append(self)
         try:
@@ -159,6 +157,9 @@ class Parallel:
         if mode is Mode.RUN:
             rec.guard = CollectiveGuard(sess.rank)  # the first step is checked across groups
         self.recorder = rec
+        if self.mesh.pp > 1:
+            self._start_pipeline(sess, mode, dtype)
+            return
         if sess.dmesh is None:  # torchrun with one process: one device, in a process group
             self.ctx = self._sync = None
             install_at_use(self.model, None, None, dtype=dtype)
@@ -174,6 +175,50 @@ class Parallel:
         stack.enter_context(dtensor_op_handlers(item=lambda t: global_item(t, rec)))
         stack.enter_context(optimizer_step_hooks(before=self._step_starts, after=self._step_done))
 
+    def _start_pipeline(self, sess: Session, mode: Mode, dtype: torch.dtype | None) -> None:
+        """pp > 1: the stages of this process; :meth:`step` drives them."""
+        pipe = self._pipe = PipelinedStep(self.model, self.plan, sess)
+        self._sync = None
+        self.recorder = pipe.recs[pipe.first]
+        stack = self._stack
+        if mode is Mode.RUN:
+            self.recorder.guard = CollectiveGuard(sess.rank)
+            self.ctx = pipe.ctxs[pipe.first]
+            stack.enter_context(pipe.active(pipe.first))
+            pipe._current = None
+        else:  # every stage's contexts are entered around its own actions
+            self.ctx = None
+            stack.enter_context(LocalOps(self.recorder.current_site))  # the loop's own ops
+        stack.enter_context(implicit_replication())
+        stack.enter_context(dtensor_op_handlers(item=lambda t: global_item(t, self.recorder)))
+        stack.enter_context(optimizer_step_hooks(before=self._step_starts, after=self._step_done))
+
+        def outside(mod: nn.Module, args: tuple) -> None:
+            if not pipe.inside:
+                raise sl.ShardingError(
+                    f"par.model(...) on the pipelined {self.mesh!r}: a pipeline's forward "
+                    "and backward interleave over microbatches and stages, so one call "
+                    "cannot run them; use loss = par.step(inputs, target, loss_fn) "
+                    "(forward and backward of the whole batch), then opt.step()")
+        stack.callback(self.model.register_forward_pre_hook(outside).remove)
+
+    def step(self, inputs: torch.Tensor, target: torch.Tensor,
+             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Forward and backward of the global batch ``inputs`` (the same on every rank):
+        ``loss_fn(model output, target)`` per microbatch, gradients synchronised. Returns
+        the step's loss, the mean over microbatches (a detached scalar). On a pipelined
+        mesh this is how a loop drives a step; on any other it is ``loss_fn(model(x),
+        y).backward()`` with the inputs sharded."""
+        if not callable(loss_fn):
+            raise sl.ShardingError(
+                f"par.step(inputs, target, loss_fn): loss_fn must be callable (output, "
+                f"target) -> loss, got {type(loss_fn).__name__}")
+        if self.mesh.pp > 1 and self.sess is not None:
+            return torch.tensor(self._pipe.step(inputs, target, loss_fn))
+        loss = loss_fn(self.model(self.shard(inputs)), self.shard(target))
+        loss.backward()
+        return torch.tensor(float(loss.item()))
+
     def _step_starts(self) -> None:
         if self.recorder is not None:  # the optimizer's collectives, if any, are its own phase
             self._in_step = self.recorder.site("optimizer", Phase.OPTIMIZER)
@@ -183,8 +228,14 @@ class Parallel:
         rec = self.recorder
         if rec is not None:
             self._in_step.__exit__(None, None, None)
-            self._last, rec.records = rec.records, []
             rec.guard = None
+        if self._pipe is not None:  # every pipeline rank's recorder of this process
+            self._stage_last = {r: r_rec.records for r, r_rec in self._pipe.recs.items()}
+            for r_rec in self._pipe.recs.values():
+                r_rec.records = []
+            self._last = self._stage_last[self._pipe.first]
+        elif rec is not None:
+            self._last, rec.records = rec.records, []
         self._steps += 1
 
     # -- inputs -----------------------------------------------------------------
@@ -201,7 +252,7 @@ class Parallel:
         """The global ``x`` (the same on every rank) as this layout splits it: each rank
         keeps its block (default axes: ``batch``, ``seq``, then unsplit dims)."""
         names = self._axes(x, axes)
-        if self.ctx is None:
+        if self.ctx is None or self.mesh.pp > 1:  # par.step lays a pipeline's batch out
             return x
         if self.sess is not None and self.sess.device != "cpu":
             x = x.to(self.sess.device)
@@ -215,6 +266,11 @@ class Parallel:
         """Each rank's own block ``x`` (each dp rank its own rows) as one global tensor; the
         blocks of ranks that the axes do not split must be equal."""
         names = self._axes(x, axes)
+        if self.mesh.pp > 1 and self.sess is not None:
+            raise sl.ShardingError(
+                f"par.from_local on the pipelined {self.mesh!r}: par.step takes the global "
+                "batch (the same on every rank) and splits it into microbatches; gather "
+                "the rows first, or give the same global batch to every rank")
         if self.ctx is None:
             return x
         return from_blocks(self.ctx, x, names)
@@ -223,12 +279,26 @@ class Parallel:
     def values(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's local value of ``t`` (one per rank; in run mode this rank's only)."""
         local = t.to_local() if isinstance(t, DTensor) else t
-        world = self.mesh.size if self.mode == "simulate" else 1
+        world = (self.sess.stage_world if self.mesh.pp > 1 else self.mesh.size) \
+            if self.mode == "simulate" and self.sess is not None else 1
         return [v.detach() for v in rank_values(local, world)]
 
-    def schedule(self) -> list[Record]:
-        """The collectives of the last finished step (an optimizer step ends one), in
-        issue order; before the first, those recorded so far."""
+    def schedule(self, rank: int | None = None) -> list[Record]:
+        """The collectives of the last finished step (an optimizer step ends one) on
+        ``rank`` (default: this process's), in issue order; before the first, those
+        recorded so far. In simulate mode any rank's; in run mode this process's only."""
+        rank = self.rank if rank is None else rank
+        if not 0 <= rank < self.mesh.size or (self.mode == "run" and rank != self.rank):
+            raise sl.ShardingError(
+                f"par.schedule(rank={rank}) on {self.mesh!r} in {self.mode} mode: "
+                + (f"this process is rank {self.rank} and records its own schedule only; "
+                   "gather the others' or run the script under 'shardlang simulate'"
+                   if self.mode == "run" else f"ranks are 0..{self.mesh.size - 1}"))
+        if self._pipe is not None and self.sess is not None and self.mode == "simulate":
+            stage = rank // self.sess.stage_world
+            if self._steps == 0:
+                return list(self._pipe.recs[stage].records)
+            return list(self._stage_last[stage])
         if self._steps == 0 and self.recorder is not None:
             return list(self.recorder.records)
         return list(self._last)
@@ -264,11 +334,17 @@ class Parallel:
         """Scale every gradient so their global norm (over every mesh axis) is at most
         ``max_norm``; returns the norm before clipping (as ``torch.nn.utils``' does)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.ctx is None:
+        if self.mesh.pp > 1 and self.mode == "run":  # sum over the stages too
+            st = self._pipe.stages[self._pipe.first]
+            shared = [] if st.pp_rank == 0 else \
+                [p for n, p in self.model.named_parameters() if st.is_shared(n)]
+            return clip_grad_norm(params, self.sess.dmesh, max_norm, norm_type,
+                                  uncounted=shared, pp_group=self.sess.pp_group)
+        if self.ctx is None and (self.sess is None or self.sess.dmesh is None):
             return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
         rec = self.recorder
         with (rec.site("clip_grad_norm_", Phase.OPTIMIZER) if rec else contextlib.nullcontext()):
-            return clip_grad_norm(params, self.ctx.dmesh, max_norm, norm_type)
+            return clip_grad_norm(params, self.sess.dmesh if self.sess else None, max_norm, norm_type)
 
     # -- checkpoints ------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, step: int,
