@@ -284,6 +284,31 @@ def test_a_checkpoint_reshards_onto_a_pipeline(tmp_path: Path) -> None:
     assert got == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)
 
 
+@pytest.mark.parametrize("name,mesh", [("llama", "pp=2,tp=2"), ("mixtral", "pp=2,ep=2")])
+def test_a_hugging_face_model_trains_through_par_step_on_a_pipeline(name: str, mesh: str) -> None:
+    import models
+    from tests.hf_models import TINY
+    source, overrides = TINY[name]
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    curves = []
+    for m in ("", mesh):
+        torch.manual_seed(0)
+        par = lowering.parallelize(models.hf.load(source, **overrides), m or None)
+        opt = torch.optim.AdamW(par.model.parameters(), lr=1e-3)
+        curve = []
+        for step in range(3):
+            x = torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(step))
+            curve.append(par.step(x[:, :-1], x[:, 1:], loss_fn).item())
+            opt.step()
+            opt.zero_grad()
+        par.close()
+        curves.append(curve)
+    assert curves[1] == pytest.approx(curves[0], rel=1e-5, abs=1e-5)
+
+
 def test_a_pipeline_refuses_a_plain_forward_and_a_batch_it_cannot_split() -> None:
     torch.manual_seed(0)
     par = lowering.parallelize(user_pipeline.StackLM(), "pp=2,dp=2")
