@@ -324,6 +324,26 @@ def test_a_pipeline_refuses_a_plain_forward_and_a_batch_it_cannot_split() -> Non
         par.close()
 
 
+class _ResidualOutside(user_pipeline.StackLM):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        for block in self.blocks:
+            h = h + block(h)  # a stage skipping a block would double h, not pass it on
+        return self.head(h)
+
+
+def test_a_stack_with_code_between_its_layers_is_refused_not_run_wrong() -> None:
+    torch.manual_seed(0)
+    par = lowering.parallelize(_ResidualOutside(), "pp=2")
+    try:
+        x, y = user_pipeline.batch(0)
+        with pytest.raises(sl.ShardingError, match=r"layer 1's input is not what layer 0 "
+                                                   r"returned.*residual inside"):
+            par.step(x, y, user_pipeline.loss_fn)
+    finally:
+        par.close()
+
+
 def test_an_asynchronous_save_resumes_like_a_synchronous_one(tmp_path: Path) -> None:
     full = losses("dp=2", steps=5)
     first = losses("dp=2", steps=3, checkpoint=str(tmp_path), save_every=3, asynchronous=True)

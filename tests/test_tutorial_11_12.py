@@ -30,6 +30,18 @@ def test_11_your_own_training_loop() -> None:
     assert grads == [("27,008", "grads head.weight .. pos")]
     assert len(re.findall(r"forward   all_reduce     dp .* loss$", out, re.M)) == 2
     assert re.search(r"optimizer all_reduce     tp .* clip_grad_norm_$", out, re.M)
+    # (d) a pipeline driven by par.step: one device's losses; the first stage sends both
+    # microbatches' activations, then receives their gradients (1F1B), the last stage
+    # alternates; both sum the embedding's and the head's gradients over pp
+    d_one = _losses(next(ln for ln in out.splitlines() if ln.startswith("(d) one device")))
+    d_pp = _losses(next(ln for ln in out.splitlines() if ln.startswith("(d) Mesh(pp=2, dp=2)")))
+    assert len(d_one) == 6 and _close(d_pp, d_one) and d_one[-1] < d_one[0] - 1.0
+    first = next(ln for ln in out.splitlines() if ln.strip().startswith("rank 0: send"))
+    last = next(ln for ln in out.splitlines() if ln.strip().startswith("rank 2: recv"))
+    assert "send activation, microbatch 1; recv gradient, microbatch 0" in first
+    assert "recv activation, microbatch 0; send gradient, microbatch 0; recv activation" in last
+    for line in (first, last):
+        assert "summed over pp: emb.weight (held by every pipeline stage), head.weight" in line
 
 
 def test_12_checkpoint_and_reshard() -> None:

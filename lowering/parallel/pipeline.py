@@ -133,11 +133,10 @@ class StageModel:
     def _view(self, chunk: int, h_in: torch.Tensor | None) -> Iterator[None]:
         layers = self.pipe.layers_of(chunk, self.n_layers)
         last = chunk == self.pipe.chunks - 1
-        skip = _Skip(self.pipeline.layer_tuple)
         resting = list(self.stack)
         for i in range(self.n_layers):
-            self.stack[i] = self.blocks[i] if i in layers else skip
-        handles = []
+            self.stack[i] = self.blocks[i] if i in layers else _Skip(self.pipeline.layer_tuple)
+        handles = self._check_chain()
         if h_in is not None:
             def swap(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
                 if args:
@@ -155,6 +154,39 @@ class StageModel:
                 h.remove()
             for i, mod in enumerate(resting):
                 self.stack[i] = mod
+
+    def _check_chain(self) -> list:
+        """Hooks that check what cutting the stack assumes: each layer's input is the very
+        hidden state the layer before returned (nothing runs between two layers)."""
+        returned: dict[int, int] = {}
+
+        def after(i: int) -> Callable[..., None]:
+            def hook(mod: nn.Module, args: tuple, out: object) -> None:
+                returned[i] = id(_hidden(out))
+            return hook
+
+        def before(i: int) -> Callable[..., None]:
+            def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                h = args[0] if args else kwargs.get(hidden_key(kwargs))
+                if i - 1 in returned and id(h) != returned[i - 1]:
+                    raise sl.ShardingError(
+                        f"pp cuts {type(self.model).__name__}.{self.path} (logical axis "
+                        f"'layers') between its layers, but layer {i}'s input is not what "
+                        f"layer {i - 1} returned: something runs between two layers (a "
+                        "residual outside the layer, 'h = h + block(h)', or a norm or "
+                        "dropout between them). A pipeline replaces the layers a stage "
+                        "does not own by the identity, so move that code into the layer "
+                        "('h = block(h)' with the residual inside block.forward)")
+            return hook
+
+        handles = []
+        for i in range(self.n_layers):
+            if i > 0:
+                # first of the layer's pre-hooks: it sees the input as the model passed it
+                handles.append(self.stack[i].register_forward_pre_hook(
+                    before(i), with_kwargs=True, prepend=True))
+            handles.append(self.stack[i].register_forward_hook(after(i)))
+        return handles
 
     def boundary(self) -> tuple[Placement, ...]:
         return placements(self.plan.rules.spec(BOUNDARY_AXES, where="the pipeline boundary"),
