@@ -144,6 +144,13 @@ def test_a_pipelined_script_under_torchrun_records_what_simulate_records_and_res
     par.close()
     assert resumed == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)
     res = shardlang("run", script, "--mesh", "pp=2", "--", str(out), "--steps", "6",
-                    "--load", str(ckpt))
+                    "--load", str(ckpt), "--schedule", "interleaved", "--microbatches", "4")
     assert res.returncode == 0, res.stderr[-3000:]
     assert read(out) == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)
+    # interleaved 1F1B (2 chunks per rank): torchrun's schedule is the one simulated
+    _, par = user_pipeline.train("pp=2", steps=6, load=str(ckpt), schedule="interleaved",
+                                 microbatches=4)
+    for r in range(2):
+        part = json.loads(Path(f"{out}.rank{r}" if r else out).read_text())
+        assert part["schedules"][str(r)] == user_pipeline.schedule_rows(par, r), f"rank {r}"
+    par.close()

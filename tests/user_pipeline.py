@@ -102,9 +102,11 @@ if __name__ == "__main__":
     p.add_argument("--save", help="write a checkpoint here after step --save-at")
     p.add_argument("--save-at", type=int, default=0)
     p.add_argument("--load", help="resume from this checkpoint (saved on any layout)")
+    p.add_argument("--schedule")
+    p.add_argument("--microbatches", type=int)
     a = p.parse_args()
     losses, par = train(None, steps=a.steps, fsdp=a.fsdp, save=a.save, save_at=a.save_at,
-                        load=a.load)
+                        load=a.load, schedule=a.schedule, microbatches=a.microbatches)
     ranks = range(par.mesh.size) if par.mode == "simulate" else [par.rank]
     out = {"losses": losses, "mode": par.mode,
            "schedules": {str(r): schedule_rows(par, r) for r in ranks}}
