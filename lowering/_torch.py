@@ -160,6 +160,29 @@ def own_copy_per_rank(t: torch.Tensor) -> torch.Tensor:
     return lm.rank_map(lambda r: t.detach().clone())
 
 
+def simulated_rng_states() -> dict[int, tuple] | None:
+    """Each simulated rank's generator state (CPU, {device: state}), which LocalTensorMode
+    keeps per rank; None outside simulate mode."""
+    lm = enabled_local_tensor_mode()
+    if lm is None:
+        return None
+    with host_values():  # plain copies, not one per simulated rank
+        return {r: (cpu.clone(), {d: s.clone() for d, s in dev.items()})
+                for r, (cpu, dev) in lm._per_rank_rng_states.items()}
+
+
+def set_simulated_rng_states(states: dict[int, tuple]) -> None:
+    """Give each simulated rank back the generator state simulated_rng_states() read."""
+    lm = enabled_local_tensor_mode()
+    if lm is None:
+        return
+    with host_values():
+        for r, (cpu, dev) in states.items():
+            if int(r) in lm.ranks:  # (a checkpoint of a larger world has more)
+                lm._per_rank_rng_states[int(r)] = (
+                    cpu.clone(), {int(d): s.clone() for d, s in dev.items()})
+
+
 def host_values() -> contextlib.AbstractContextManager:
     """Suspend simulate mode's LocalTensorMode: plain tensors made here are ordinary,
     the same on every rank (data batches must not be drawn per simulated rank)."""

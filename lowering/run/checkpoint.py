@@ -26,7 +26,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
 import shardlang as sl
-from lowering._torch import host_values, rank_values
+from lowering._torch import (host_values, rank_values, set_simulated_rng_states,
+                             simulated_rng_states)
 from lowering.parallel.distribute import distribute_owned
 
 
@@ -100,9 +101,11 @@ def save(par: Parallel, directory: str | os.PathLike, *, step: int,
             dcp.save(state, checkpoint_id=str(tmp), no_dist=not run)
     if run:
         dist.barrier()  # every rank's blocks are on disk
-    # simulate mode keeps one generator per simulated rank inside LocalTensorMode (not
-    # reachable from outside): its RNG is not saved
-    rng = torch.get_rng_state() if par.mode != "simulate" else None
+    # simulate mode keeps one generator per simulated rank inside LocalTensorMode, beside
+    # the host's (data drawn under host_values): both are saved
+    ranks = simulated_rng_states()
+    with host_values():
+        rng = {"host": torch.get_rng_state(), "ranks": ranks}
     if par.rank == 0:
         groups = optimizer.state_dict()["param_groups"] if optimizer is not None else None
         torch.save({"step": int(step), "extra": extra or {}, "param_groups": groups,
@@ -152,7 +155,8 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path:
 def load(par: Parallel, directory: str | os.PathLike, *,
          optimizer: torch.optim.Optimizer | None = None, scheduler: object = None) -> int:
     path = latest_checkpoint(directory)
-    meta = torch.load(path / META, weights_only=True)
+    with host_values():  # its tensors (RNG states) plain, not one per simulated rank
+        meta = torch.load(path / META, weights_only=True)
     _check_same_model(par, meta, path)
     run = par.mode == "run"
     params = dict(par.model.named_parameters())
@@ -187,10 +191,22 @@ def load(par: Parallel, directory: str | os.PathLike, *,
         _load_optimizer(par, optimizer, targets, meta, params)
     if scheduler is not None and meta["scheduler"] is not None:
         scheduler.load_state_dict(meta["scheduler"])
-    if meta["rng"] is not None and par.mode != "simulate":
-        torch.set_rng_state(meta["rng"])
+    _restore_rng(meta["rng"])
     par.checkpoint_extra = meta["extra"]
     return int(meta["step"])
+
+
+def _restore_rng(rng: object) -> None:
+    """The host generator and, in simulate mode, each simulated rank's (a checkpoint
+    from before per-rank states holds the host's state alone, or None)."""
+    if isinstance(rng, torch.Tensor):
+        rng = {"host": rng, "ranks": None}
+    if rng is None:
+        return
+    with host_values():
+        torch.set_rng_state(rng["host"])
+    if rng["ranks"] is not None:
+        set_simulated_rng_states(rng["ranks"])
 
 
 def _onto(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
