@@ -20,6 +20,7 @@ import torch.distributed as dist
 import shardlang as sl
 from lowering.run import Layout, run
 from lowering.run.registry import resolve
+from lowering.run.session import process_group_closed
 
 
 def layout_of(spec: str) -> Layout:
@@ -31,8 +32,13 @@ def layout_of(spec: str) -> Layout:
 
 
 def main(out: str, specs: list[str]) -> None:
-    results = {}
     dist.init_process_group("gloo")  # one group for every layout: run() reuses it
+    with process_group_closed():  # barrier, destroy, and let gloo's threads finish
+        _run_all(out, specs)
+
+
+def _run_all(out: str, specs: list[str]) -> None:
+    results = {}
     for spec in specs:
         lay = layout_of(spec)
         result, parity = run(lay, steps=5, check=True)
@@ -50,8 +56,6 @@ def main(out: str, specs: list[str]) -> None:
     if int(os.environ["RANK"]) == 0:
         with open(out, "w") as f:
             json.dump(results, f)
-    dist.barrier()  # see lowering.run.session.process_group_closed
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ from lowering.run.guard import CollectiveGuard
 from lowering.run.launch import report_worker_error
 from lowering.run.pipelined import PipelinedStep
 from lowering.run.values import clip_grad_norm, from_blocks, global_item
-from lowering.run.session import Mode, Session, group_axes, session, under_torchrun
+from lowering.run.session import (Mode, Session, group_axes, let_backend_threads_finish,
+                                  session, under_torchrun)
 from lowering.run import checkpoint
 from lowering.schedule import Phase, Record, Recorder, totals
 
@@ -371,6 +372,8 @@ class Parallel:
             self._stack.__exit__(*(exc if exc[0] else
                                    ((RuntimeError, RuntimeError("failed"), None) if failed
                                     else (None, None, None))))
+            if self.mode == "run":  # also when the script's own process group lives on
+                let_backend_threads_finish()
 
     def __enter__(self) -> Parallel:
         return self

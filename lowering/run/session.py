@@ -13,6 +13,7 @@ import datetime
 import enum
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from lowering.plan import KnownValues, tensor_axes
 from lowering.schedule.recorder import running_module
 
 __all__ = ["Mode", "Session", "session", "device_and_backend", "under_torchrun", "stage_mesh",
-           "group_axes"]
+           "group_axes", "process_group_closed", "let_backend_threads_finish"]
 
 #: A collective that waits longer than this fails instead of hanging (run mode).
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("SHARDLANG_TIMEOUT", "120")))
@@ -101,6 +102,19 @@ def process_group_closed() -> Iterator[None]:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        let_backend_threads_finish()
+
+
+def let_backend_threads_finish() -> None:
+    """Release the GIL a moment before the interpreter may exit. A gloo worker thread
+    destroys a finished collective's work object after the caller has its result; when
+    that drops the last reference to a tensor with a Python object it takes the GIL, and
+    a thread taking the GIL while the interpreter finalizes is ended by ``pthread_exit``,
+    whose unwind through C++ code aborts the process (``terminate called without an
+    active exception``, SIGABRT; a core of it shows ``~AsyncAllgatherWork`` in
+    ``ProcessGroupGloo::runLoop`` waiting in ``take_gil`` while the main thread is in
+    ``Py_FinalizeEx``; about 1 launch in 25 on this machine under load)."""
+    time.sleep(0.2)
 
 
 def _init_process_group(backend: str, rank: int, world: int) -> None:
