@@ -231,7 +231,7 @@ def _report(parity: Parity | None, console: Console) -> int:
         console.print(line)
     if parity.ok:
         console.print("[green]check passed[/]: every rank matches the single-device model "
-                      "(loss and gradients within rtol=atol=1e-5; loss curve within 1e-4)")
+                      f"({parity.tolerance})")
         return EXIT_OK
     console.print(f"[red]check FAILED[/]: {parity.worst_param} differs by "
                   f"{parity.worst_err:.3e} on rank {parity.worst_rank}")

@@ -104,7 +104,8 @@ def test_bf16_keeps_fp32_masters_and_saves_less_activation_memory() -> None:
     fp32 = explain(Layout.of("gpt-tiny", "dp=2")).memory[0]
     bf16 = explain(Layout.of("gpt-tiny", "dp=2", precision="bf16")).memory[0]
     assert (bf16.params, bf16.grads, bf16.optimizer) == (fp32.params, fp32.grads, fp32.optimizer)
-    assert bf16.activations < 0.7 * fp32.activations  # the loss's log-probabilities stay fp32
+    # about 0.71: the loss runs in fp32 (its log-probabilities and the logits cast up stay fp32)
+    assert bf16.activations < 0.75 * fp32.activations
     predicted, measured = predict_and_measure(Layout.of("gpt-tiny", "dp=2", fsdp=True,
                                                         precision="bf16"))
     assert memory_mismatches(predicted, measured, rtol=MEMORY_RTOL) == []

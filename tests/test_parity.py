@@ -61,3 +61,21 @@ def test_check_parity_flags_a_perturbed_gradient(single_device: dict[str, object
     got.grads["wte.weight"][1] = got.grads["wte.weight"][1] + 1e-3
     p = check_parity(got, ref)
     assert not p.ok and p.worst_param == "wte.weight" and p.worst_rank == 1
+
+
+def test_bf16_check_bounds_rounding_by_the_models_own_bf16_error(cli) -> None:
+    """--check --precision bf16: the parallel run differs from the bf16 reference by
+    rounding only (bounded by the bf16 reference's distance from fp32), the loss is
+    computed in fp32 (not rounded to bf16's 8 bits), and a real bug still fails."""
+    from lowering.run import Layout
+
+    got, parity = simulate(Layout.of("gpt-tiny", "dp=2,tp=2", precision="bf16", fsdp=True),
+                           steps=3, check=True)
+    assert parity is not None and parity.ok, parity.lines
+    assert "bf16" in parity.tolerance and parity.worst_err > 1e-5  # fp32's bound would fail
+    loss = got.losses[0][0]
+    assert torch.tensor(loss).bfloat16().float().item() != loss  # an fp32 loss
+    # a model whose dp ranks disagree (a mean over local rows) fails under bf16 too
+    code, out, _ = cli("simulate", "tests.broken_models:local_mean_lm", "--mesh", "dp=2",
+                       "--steps", "1", "--check", "--precision", "bf16")
+    assert code == 1 and "check FAILED" in out, out

@@ -376,5 +376,6 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, *,
             "hidden states instead of logits (no language-model head)?")
     # (batch, vocab, seq): the class dim second, batch and seq left unflattened, so a
     # sequence-sharded tensor keeps plain Shard placements
-    total = F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum")
+    # in fp32 whatever the compute dtype (bf16 logits would round the loss to 8 bits)
+    total = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="sum")
     return total / targets.numel()

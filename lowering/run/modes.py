@@ -283,5 +283,10 @@ def train_layout(layout: Layout, mode: Mode, *, steps: int, check: bool = False,
             result = train_pipeline(models, plan, sess, data, cfg, on_step=on_step)
         if mode is Mode.RUN:
             result.rank_records = gather_records(result.records, sess.world)
-    parity = check_parity(result, reference(layout.model.factory, data, cfg)) if check else None
+    parity = None
+    if check:
+        ref = reference(layout.model.factory, data, cfg)
+        fp32 = (reference(layout.model.factory, data, dataclasses.replace(cfg, precision="fp32"))
+                if cfg.precision == "bf16" else None)
+        parity = check_parity(result, ref, fp32=fp32)
     return result, parity
