@@ -144,6 +144,28 @@ def test_from_local_takes_each_ranks_rows() -> None:
     assert got == pytest.approx(ref[0], rel=1e-6)
 
 
+def test_a_buffer_updated_in_place_is_each_simulated_ranks_own() -> None:
+    """BatchNorm's running statistics on dp=2 in one process: each rank updates its own
+    copy once a step (one shared tensor got the momentum once per simulated rank), and
+    equal the single device's (DTensor gathers the batch for the batch statistics)."""
+    def net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                   torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5))
+
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = net()
+    for _ in range(2):
+        ref(x)
+    par = lowering.parallelize(net(), "dp=2")
+    for _ in range(2):
+        par.model(par.shard(x))
+    means = par.values(par.model[1].running_mean)
+    par.close()
+    assert len(means) == 2 and all(torch.allclose(m, ref[1].running_mean, atol=1e-6)
+                                   for m in means)
+
+
 # -- checkpoints ----------------------------------------------------------------------------
 def test_same_layout_resume_is_bit_exact(tmp_path: Path) -> None:
     full = losses("dp=2,tp=2", steps=8)

@@ -1,6 +1,7 @@
 """A model onto the mesh, in place: every parameter becomes a DTensor parameter with the
-plan's placements (ties kept), then each mesh axis installs what it runs at use: FSDP's
-gather (:mod:`.data`) and tensor parallelism's conversion points (:mod:`.tensor`)."""
+plan's placements (ties kept), every buffer a copy per simulated rank, then each mesh
+axis installs what it runs at use: FSDP's gather (:mod:`.data`) and tensor parallelism's
+conversion points (:mod:`.tensor`)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,20 @@ def distribute_model(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> nn.Modu
         for pname, p in list(mod._parameters.items()):
             if p is not None and id(p) in new:
                 mod._parameters[pname] = new[id(p)]
+    _own_buffers(model)
     install_at_use(model, plan, dmesh, dtype=compute_dtype(plan.options.precision))
     install_tp_hooks(model, plan)
     return model
+
+
+def _own_buffers(model: nn.Module) -> None:
+    """In simulate mode every rank gets its own copy of each buffer: a buffer updated in
+    place (BatchNorm's running statistics) was otherwise one tensor that every simulated
+    rank updated in turn (dp=2 applied the momentum twice a step). No-op in run mode."""
+    for mod in model.modules():
+        for name, b in list(mod._buffers.items()):
+            if b is not None and not isinstance(b, DTensor):
+                mod._buffers[name] = own_copy_per_rank(b)
 
 
 def distribute_owned(t: torch.Tensor, dmesh: DeviceMesh,
