@@ -14,7 +14,7 @@ from shardlang.errors import ShardingError, closest
 from shardlang.ops import constrain
 from shardlang.rules import Axes
 
-__all__ = ["axes", "annotate", "logical_axes", "activation_axes"]
+__all__ = ["axes", "annotate", "logical_axes", "activation_axes", "no_tensor_split", "tensor_split_refusal"]
 
 _ATTR = "_shardlang_axes"
 
@@ -251,3 +251,20 @@ def activation_axes(mod: nn.Module) -> tuple[Axes | None, Axes | None]:
 def logical_axes(t: torch.Tensor | nn.Module) -> Axes | None:
     """The logical axes attached to a tensor (or a layer stack), or None if never annotated."""
     return getattr(t, _ATTR, None)
+
+
+_NO_SPLIT = "_shardlang_no_tensor_split"
+
+
+def no_tensor_split(module: nn.Module, why: str) -> nn.Module:
+    """Mark a model whose linears carry no tensor-parallel axes because nobody said how to
+    split them (a Hugging Face architecture without a tp plan): every axis but ``tp``
+    still works, and a mesh with ``tp > 1`` is refused with ``why`` (what to annotate)
+    instead of running with replicated linears."""
+    object.__setattr__(module, _NO_SPLIT, why)
+    return module
+
+
+def tensor_split_refusal(module: nn.Module) -> str | None:
+    """The reason :func:`no_tensor_split` gave, or None."""
+    return getattr(module, _NO_SPLIT, None)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import lowering
 import models.hf
 import shardlang as sl
 from lowering.run import Layout, explain, simulate
@@ -43,6 +44,8 @@ PARITY = MATRIX + [
     ("qwen2_moe", "dp=2,ep=2", {}), ("llama", "sp=2", {"load_balance": True}),
     ("llama", "dp=2,tp=2", {"fsdp": True}), ("qwen3", "sp=2", {}), ("bert", "tp=2", {}),
     ("qwen3_moe", "dp=2,ep=2", {"fsdp": True}), ("opt_annotated", "tp=2", {}),
+    # no tp plan: every axis but tp works unannotated (tp=2 is refused, see BAD)
+    ("opt", "dp=2", {"fsdp": True}), ("opt", "pp=2", {}), ("opt", "sp=2", {}),
 ]
 
 
@@ -293,6 +296,40 @@ def test_a_folder_loads_the_logits_transformers_computes(saved: dict[str, Path],
     ids = torch.randint(0, 128, (2, 16))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(saved[model])(ids).logits
     torch.testing.assert_close(models.hf.load(str(saved[model]))(ids), theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pipeline_only_mesh_reads_the_folders_weights(saved: dict[str, Path]) -> None:
+    """pp=2 alone distributes nothing within a stage (each stage is one device): the weights
+    are read whole there. Before, they were never read: the run trained seed 0's random
+    initialization, not the folder's model, and --check failed."""
+    lay = Layout(resolve(f"hf:{saved['llama']}"), sl.Mesh.parse("pp=2"), sl.Rules.default())
+    result, parity = simulate(lay, steps=1, check=True)
+    assert parity is not None and parity.ok, parity.lines
+    # the user's loop: a model built to be read later, on pp=2
+    theirs = models.hf.load(str(saved["llama"]))
+    with sl.read_later():
+        model = models.hf.load(str(saved["llama"]))
+    par = lowering.parallelize(model, "pp=2", microbatches=2)
+    want = dict(theirs.named_parameters())
+    for name, p in model.named_parameters():
+        got = par.values(p)[0]
+        assert torch.equal(got, want[name].detach()), name
+    par.close()
+
+
+def test_a_deep_copy_of_a_hf_model_runs_its_own_weights() -> None:
+    """The contract forward calls the class's forward on the model it is called on: a
+    copy (a user's reference model) whose weights change computes with them, not the
+    original's."""
+    import copy
+
+    source, overrides = TINY["llama"]
+    model = models.hf.load(source, **overrides)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.zero_()
+    ids = torch.randint(0, 128, (1, 8))
+    assert twin(ids).abs().max() == 0 and model(ids).abs().max() > 0
 
 
 def test_each_rank_reads_only_its_shard(saved: dict[str, Path], monkeypatch) -> None:

@@ -7,6 +7,8 @@ ShardingError. torchrun launches: tests/test_parallelize_launch.py."""
 
 from __future__ import annotations
 
+import copy
+
 import math
 from pathlib import Path
 
@@ -382,6 +384,23 @@ def test_a_stack_with_code_between_its_layers_is_refused_not_run_wrong() -> None
         x, y = user_pipeline.batch(0)
         with pytest.raises(sl.ShardingError, match=r"layer 1's input is not what layer 0 "
                                                    r"returned.*residual inside"):
+            par.step(x, y, user_pipeline.loss_fn)
+    finally:
+        par.close()
+
+
+def test_a_forward_that_runs_another_models_layers_is_refused() -> None:
+    """A model whose forward is bound to another model (a copy's captured method) never
+    sees the activation a pipeline stage received: a ShardingError, not a raw traceback
+    or a stage trained on dummy tokens."""
+    torch.manual_seed(0)
+    original = user_pipeline.StackLM()
+    twin = copy.deepcopy(original)
+    twin.forward = original.forward  # runs the original's layers
+    par = lowering.parallelize(twin, "pp=2")
+    try:
+        x, y = user_pipeline.batch(0)
+        with pytest.raises(sl.ShardingError, match="does not depend on the hidden state"):
             par.step(x, y, user_pipeline.loss_fn)
     finally:
         par.close()

@@ -10,6 +10,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, OPTConfig
 
+import lowering
 import models.hf
 import shardlang as sl
 from models.datasets import ArithmeticSequences
@@ -150,17 +151,19 @@ def test_10_your_hugging_face_model() -> None:
         assert (f"moe{layer}.tokens_per_expert {counts} (sum {B * S * TOP_K} = {B}*{S} tokens "
                 f"x top-2), dropped 0,") in d, (layer, counts)
 
-    # (e) OPT: the same error load raises here; the layers alone cost 1 extra all-reduce
-    # per layer, the attention's output constraint gives the minimum back
+    # (e) OPT: unannotated on FSDP dp=2 it matches one device; on tp=2 the same error
+    # lowering raises here; the layers alone cost 1 extra all-reduce per layer, the
+    # attention's output constraint gives the minimum back
     e = _section(out, "e")
+    _parity_ok(e, "opt", "Mesh(dp=2)", steps=2)
     cfg = OPTConfig(num_hidden_layers=L, hidden_size=H, ffn_dim=I, num_attention_heads=HEADS,
                     vocab_size=V, word_embed_proj_dim=H, max_position_embeddings=256)
     try:
-        models.hf.load(cfg)
+        lowering.lower(models.hf.load(cfg), sl.Mesh(tp=2), sl.Rules.default())
     except sl.ShardingError as err:
         message = str(err)
     else:
-        raise AssertionError("OPT loaded without a plan")
+        raise AssertionError("OPT lowered on tp=2 without a plan")
     printed = e.split("raises sl.ShardingError:\n", 1)[1].split("\n\n", 1)[0]
     assert " ".join(line.strip() for line in printed.splitlines()) == message
     for piece in ("model.decoder.layers", "self_attn.q_proj", "sl.annotate",

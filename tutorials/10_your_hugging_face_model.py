@@ -16,8 +16,9 @@ unchanged. Everything below is a tiny config (hidden 64, 2 layers) on a CPU. You
   (c) seq -> sp: HF's attention runs as shardlang's ring attention, passing blocks of
       only the 2 key/value heads (grouped-query attention);
   (d) Mixtral on ep=2: 2 + 2 all-to-alls per MoE layer, and the router's statistics;
-  (e) OPT, which HF gives no plan: the error, the annotation by hand, and how the
-      all-reduce count tells you whether that annotation is complete.
+  (e) OPT, which HF gives no plan: it runs unannotated on dp (and pp, sp), tp=2 is the
+      error, then the annotation by hand, and how the all-reduce count tells you
+      whether that annotation is complete.
 
 Run it:  python tutorials/10_your_hugging_face_model.py
 """
@@ -223,14 +224,18 @@ def opt_annotated(attention_output: bool) -> torch.nn.Module:
 
 
 def section_e() -> None:
-    header("(e) OPT: no plan in transformers, so you annotate it")
+    header("(e) OPT: no plan in transformers, so you annotate it for tp")
+    opt = ModelRef("opt", functools.partial(models.hf.load, opt_config()))
+    print("models.hf.load(OPTConfig(...)) annotates what needs no plan: the embeddings, the")
+    print("layer stack. Every axis but tp runs it as it is:")
+    check_parity("opt", Layout(opt, sl.Mesh(dp=2), sl.Rules.default(), fsdp=True), steps=2)
     try:
-        models.hf.load(opt_config())
+        explain(Layout(opt, sl.Mesh(tp=2)), ranks=[0])
     except sl.ShardingError as e:
-        print("models.hf.load(OPTConfig(...)) raises sl.ShardingError:")
+        print("\non Mesh(tp=2), explain raises sl.ShardingError:")
         print(textwrap.indent(textwrap.fill(str(e), 92, break_on_hyphens=False), "  "))
     else:
-        raise SystemExit("OPT loaded without a plan")
+        raise SystemExit("OPT ran on tp=2 without a plan")
     print("\nopt_annotated() in this file does that: q/k/v and fc1 column-parallel, out_proj and")
     print("fc2 row-parallel, the (tied) embedding vocab-parallel, the stack 'layers', each")
     print("layer's input and output ('batch', 'seq', 'embed') and, as the message suggests, the")

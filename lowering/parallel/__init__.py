@@ -5,6 +5,6 @@ dispatch to (with :mod:`.shard_map` and :mod:`.collectives` for the local view),
 :mod:`.distribute` puts a model's parameters on the mesh."""
 
 from lowering.parallel.context import DTensorContext
-from lowering.parallel.distribute import distribute_model
+from lowering.parallel.distribute import distribute_model, read_whole_weights
 
-__all__ = ["DTensorContext", "distribute_model"]
+__all__ = ["DTensorContext", "distribute_model", "read_whole_weights"]

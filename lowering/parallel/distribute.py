@@ -17,7 +17,7 @@ from lowering.parallel.fsdp import compute_dtype, install_at_use
 from lowering.parallel.tensor import install_tp_hooks
 from lowering.plan import Plan
 
-__all__ = ["distribute_model", "distribute_owned", "block_of"]
+__all__ = ["distribute_model", "distribute_owned", "block_of", "read_whole_weights"]
 
 
 def distribute_model(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> nn.Module:
@@ -51,6 +51,27 @@ def _own_buffers(model: nn.Module) -> None:
         for name, b in list(mod._buffers.items()):
             if b is not None and not isinstance(b, DTensor):
                 mod._buffers[name] = own_copy_per_rank(b)
+
+
+def read_whole_weights(model: nn.Module) -> nn.Module:
+    """Where nothing is distributed (a pipeline-only mesh: each stage is one device;
+    world size 1), read every parameter a factory tagged to be read later
+    (:func:`shardlang.read_from`) in full; otherwise it kept its initial values and the
+    checkpoint's weights were silently never loaded."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            read = sl.reader_of(p)
+            if read is None or p.device.type == "meta":
+                continue
+            with host_values():
+                t = read(tuple(slice(0, n) for n in p.shape))
+            if tuple(t.shape) != tuple(p.shape):
+                raise sl.ShardingError(
+                    f"the weights reader of {name} returned {tuple(t.shape)} for the whole "
+                    f"tensor of shape {tuple(p.shape)}; it must return the block asked for")
+            p.copy_(t)
+            sl.read_from(p, None)  # type: ignore[arg-type]
+    return model
 
 
 def distribute_owned(t: torch.Tensor, dmesh: DeviceMesh,

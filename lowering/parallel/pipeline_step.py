@@ -166,6 +166,14 @@ def step_in_process(stages: Mapping[int, StageModel],
             else:
                 torch.autograd.backward(ch.out, inbox.pop((Kind.RECV_B, c, j)))
             if ch.inp is not None:
+                if ch.inp.grad is None:
+                    raise sl.ShardingError(
+                        f"pipeline chunk {c}'s output does not depend on the hidden state it "
+                        f"received from chunk {c - 1}: the model's forward did not run its "
+                        "layer stack (logical axis 'layers') on its first layer's input. A "
+                        "pipeline swaps that input for the received activation, so the "
+                        "forward must call the stack's layers (the module itself, not a copy "
+                        "or a function bound to another model) in order")
                 grads_in[(c, j)] = ch.inp.grad
         elif a.kind in (Kind.SEND_F, Kind.SEND_B):
             fw = a.kind is Kind.SEND_F

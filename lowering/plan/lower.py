@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.tensor import Placement
 
 import shardlang as sl
+from shardlang.annotate import tensor_split_refusal
 from lowering.plan.options import Options, Schedule, check_options
 from lowering.plan.pipeline import Pipe, check_pipe, hidden_key, layer_stack
 from lowering.plan.placements import fsdp_dim, placements, tensor_axes
@@ -137,6 +138,9 @@ def lower(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, *, options: Options 
         raise sl.ShardingError("lower() takes options=Options(...) or option keywords, not both")
     options = options if options is not None else Options.of(**keywords)
     check_options(options, mesh, rules)
+    refused = tensor_split_refusal(model)
+    if refused is not None and mesh.tp > 1:
+        raise sl.ShardingError(refused)
     pipeline_of = _pipeline(model, mesh, rules, options)
     trace = ShapeTrace()
     around = _Around(model, pipeline_of[1]) if pipeline_of else None

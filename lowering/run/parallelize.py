@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor
 import shardlang as sl
 from lowering._torch import (dtensor_op_handlers, host_values, implicit_replication,
                              optimizer_step_hooks, rank_values)
-from lowering.parallel import DTensorContext, distribute_model
+from lowering.parallel import DTensorContext, distribute_model, read_whole_weights
 from lowering.parallel.data import GradSync, install_grad_sync
 from lowering.parallel.fsdp import compute_dtype, install_at_use
 from lowering.parallel.tensor import LocalOps
@@ -163,6 +163,7 @@ class Parallel:
             return
         if sess.dmesh is None:  # torchrun with one process: one device, in a process group
             self.ctx = self._sync = None
+            read_whole_weights(self.model)
             install_at_use(self.model, None, None, dtype=dtype)
             return
         distribute_model(self.model, plan, sess.dmesh)

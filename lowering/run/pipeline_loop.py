@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 import shardlang as sl
-from lowering.parallel import DTensorContext, distribute_model
+from lowering.parallel import DTensorContext, distribute_model, read_whole_weights
 from lowering.parallel.pipeline import StageModel, sum_shared_grads
 from lowering.parallel.pipeline_step import (dummy_tokens, funcol_all_reduce,
                                              in_process_all_reduce, reduce_grads,
@@ -51,6 +51,8 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
     for r, st in stages.items():
         if sess.dmesh is not None:
             distribute_model(st.model, plan, sess.dmesh)
+        else:
+            read_whole_weights(st.model)
         st.dmesh = sess.dmesh
         ctxs[r] = DTensorContext(plan, sess.dmesh, recs[r]) if sess.dmesh is not None else None
         opts[r] = torch.optim.AdamW(st.model.parameters(), lr=cfg.lr, foreach=True)

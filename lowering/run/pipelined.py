@@ -30,7 +30,7 @@ from torch import nn
 
 import shardlang as sl
 from lowering._torch import host_values
-from lowering.parallel import DTensorContext, distribute_model
+from lowering.parallel import DTensorContext, distribute_model, read_whole_weights
 from lowering.parallel.data import reduce_grad
 from lowering.parallel.pipeline import StageModel, sum_shared_grads
 from lowering.parallel.pipeline_step import (LossFn, funcol_all_reduce, reduce_grads,
@@ -57,6 +57,8 @@ class PipelinedStep:
                        for r in mine}
         if sess.dmesh is not None:
             distribute_model(model, plan, sess.dmesh)
+        else:
+            read_whole_weights(model)
         for st in self.stages.values():
             st.dmesh = sess.dmesh
         self.recs = {r: Recorder(group_axes(sess)) for r in mine}

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 import shardlang as sl
 from lowering._torch import host_values, implicit_replication, rank_values
-from lowering.parallel import DTensorContext, distribute_model
+from lowering.parallel import DTensorContext, distribute_model, read_whole_weights
 from lowering.parallel.data import install_grad_sync
 from lowering.parallel.fsdp import compute_dtype, install_at_use
 from lowering.parallel.tensor import LocalOps, logits_of, loss_scope, next_token_loss
@@ -132,6 +132,8 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
         recorder.count_compute = dry and cfg.memory
     ctx = None
     live: list[Recorder | None] = [recorder]  # the running step's recorder, for the grad hooks
+    if dmesh is None:
+        read_whole_weights(model)
     if plan is not None and dmesh is not None:
         distribute_model(model, plan, dmesh)
         install_grad_sync(model, dmesh, lambda: live[0], grad_buckets(plan, model))

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
@@ -98,11 +99,14 @@ def _build(config: PretrainedConfig, folder: str | None = None) -> PreTrainedMod
     cls = _model_class(config)
     attention.register()
     experts.register()
-    if folder is not None:
-        build = functools.partial(cls.from_pretrained, folder, config=config)
-    else:
-        build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
-        build = functools.partial(build, config)
+
+    def build(**kwargs: object) -> PreTrainedModel:
+        cfg = copy.deepcopy(config)  # a failed try leaves its attention choice in the config
+        if folder is not None:
+            return cls.from_pretrained(folder, config=cfg, **kwargs)
+        make = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+        return make(cfg, **kwargs)
+
     try:
         model = build(attn_implementation=attention.NAME)
     except (ValueError, ImportError, KeyError):  # no attention backends: keep its sdpa/eager
@@ -119,13 +123,15 @@ def _prepared(model: PreTrainedModel) -> PreTrainedModel:
 def _contract_forward(model: PreTrainedModel) -> None:
     """``model(ids)`` -> logits, cache off, positions from ``sl.positions``; any other call
     is HF's forward unchanged."""
-    hf_forward = model.forward
-    takes = set(inspect.signature(hf_forward).parameters)
+    # the class's function, called on ``self``: a deep copy of the model then runs its own
+    # weights (a bound method captured here would run the original's)
+    hf_forward = type(model).forward
+    takes = set(inspect.signature(hf_forward).parameters) - {"self"}
 
     def forward(self: nn.Module, input_ids: torch.Tensor | None = None, *args: object,
                 **kwargs: object) -> object:
         if args or kwargs or input_ids is None:
-            return hf_forward(input_ids, *args, **kwargs)
+            return hf_forward(self, input_ids, *args, **kwargs)
         extra: dict[str, object] = {}
         if "use_cache" in takes:
             extra["use_cache"] = False
@@ -137,7 +143,7 @@ def _contract_forward(model: PreTrainedModel) -> None:
                 # detection, which reordered positions would fool
                 extra["attention_mask"] = torch.ones(B, S, dtype=torch.long,
                                                      device=input_ids.device)
-        return hf_forward(input_ids=input_ids, **extra).logits
+        return hf_forward(self, input_ids=input_ids, **extra).logits
 
     model.forward = types.MethodType(forward, model)
 

@@ -37,6 +37,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import shardlang as sl
+from shardlang.annotate import no_tensor_split
 from models.hf.experts import is_experts
 
 __all__ = ["TABLE", "Source", "Packed", "Parts", "annotate_hf", "sources", "layer_stack_path"]
@@ -171,7 +172,9 @@ def _plans(model: nn.Module) -> tuple[dict[str, str], dict[str, str], Table | No
 
 
 def layer_stack_path(model: nn.Module) -> str | None:
-    """The layer stack: the pp plan's entry that takes ``hidden_states`` (or the table's)."""
+    """The layer stack: the pp plan's entry that takes ``hidden_states`` (or the table's),
+    else the model's heaviest ``nn.ModuleList`` (an architecture without a pp plan; the
+    pipeline checks at run time that its layers chain)."""
     config = getattr(model, "config", None)
     base = _base(model)
     pp = getattr(config, "base_model_pp_plan", None) or {}
@@ -185,7 +188,16 @@ def layer_stack_path(model: nn.Module) -> str | None:
                 return path
         except AttributeError:
             continue
-    return None
+    heaviest = _heaviest_stack(model)
+    return heaviest[0] if heaviest is not None else None
+
+
+def _heaviest_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The ``nn.ModuleList`` holding the most parameters (the decoder layers), or None."""
+    stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not stacks:
+        return None
+    return max(stacks, key=lambda s: sum(p.numel() for p in s[1].parameters()))
 
 
 def _linear_axes(path: str, style: str, mod: nn.Linear) -> dict[str, sl.Axes]:
@@ -203,12 +215,12 @@ def _annotated(model: nn.Module) -> bool:
 def _no_plan(model: nn.Module) -> str:
     """What to do for an architecture with no plan, with this model's own module paths."""
     arch = f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
-    stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not stacks:
+    heaviest = _heaviest_stack(model)
+    if heaviest is None:
         where = "print(model) shows its module paths"
         example = "{'PATH.TO.q_proj.weight': ('heads', 'embed'), ...}"
     else:
-        stack, layers = max(stacks, key=lambda s: sum(p.numel() for p in s[1].parameters()))
+        stack, layers = heaviest
         linears = [n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)]
         attn = [n for n in linears if _ATTENTION.search(n)]
         q = next((n for n in attn if re.search(r"(^|[._])(q|query)", n)), attn[0] if attn else None)
@@ -223,8 +235,9 @@ def _no_plan(model: nn.Module) -> str:
         example += f", inputs={{'{stack}.*': {act}}}, outputs={{'{stack}.*': {act}{outs}}}"
         where = f"its layer stack is {stack}; each layer's linears are {', '.join(linears)}"
     return (f"{arch} has no tensor-parallel plan (config.base_model_tp_plan) and no shardlang "
-            f"table entry, so shardlang cannot tell which linears to split ({where}). Annotate "
-            f"the model yourself and pass it in: sl.annotate(model, {example}); "
+            f"table entry, so shardlang cannot tell which linears to split over tp ({where}); "
+            "dp, FSDP, pp and sp need no plan. For tp, annotate the model yourself and "
+            f"pass it in: sl.annotate(model, {example}); "
             "models.hf.load(model) (column splits ('heads'|'mlp', 'embed'), row splits "
             "('embed', 'heads'|'mlp'))")
 
@@ -236,7 +249,7 @@ def annotate_hf(model: nn.Module) -> nn.Module:
     if not tp and not ep:
         if _annotated(model):
             return model  # annotated by the user (sl.annotate) before models.hf.load(model)
-        raise sl.ShardingError(_no_plan(model))
+        no_tensor_split(model, _no_plan(model))  # the embeddings and the stack, below
     object.__setattr__(model, "_shardlang_sources", _convert(model, base, table))
     params: dict[str, sl.Axes] = {}
     inputs: dict[str, sl.Axes] = {}
