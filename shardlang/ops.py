@@ -57,7 +57,8 @@ def constrain(x: torch.Tensor, *names: str | None) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              scale: float | None = None) -> torch.Tensor:
+              scale: float | None = None, mask: torch.Tensor | None = None,
+              softcap: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention on ``(batch, heads, seq, head_dim)`` tensors.
 
     Under a plan, batch and heads may be sharded (each rank attends over its own heads);
@@ -66,11 +67,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     attention: each key/value head serves ``q_heads / kv_heads`` query heads); under
     ``tp`` the key/value heads are split too, so tp must divide them.
 
+    ``mask`` (broadcastable to ``(batch, heads, q_seq, k_seq)``; bool True or float 0.0:
+    attend, a float adds to the scores; it replaces ``causal``) and ``softcap`` (scores
+    become ``softcap * tanh(scores / softcap)``) compute the scores in global view:
+    exact under every layout, with a sequence split over sp gathered there. So does
+    ``causal`` with fewer queries than keys (queries after a key/value cache: the last
+    query attends to every key).
+
     Example:
         >>> import torch, shardlang as sl
         >>> q = torch.randn(1, 2, 4, 8)
         >>> sl.attention(q, q, q, causal=True).shape
         torch.Size([1, 2, 4, 8])
+        >>> keep = torch.ones(4, 4, dtype=torch.bool).tril()
+        >>> torch.allclose(sl.attention(q, q, q, mask=keep), sl.attention(q, q, q, causal=True))
+        True
     """
     for t in (q, k, v):
         _check_rank(t, ("batch", "heads", "seq", None), "attention")
@@ -79,11 +90,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             f"attention: {q.shape[1]} query heads and {k.shape[1]} key / {v.shape[1]} value "
             "heads; grouped-query attention needs as many key as value heads, dividing the "
             "query heads")
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise ShardingError(f"attention(mask=...) takes a tensor, got {type(mask).__name__}")
     ctx = active()
+    late = causal and mask is None and q.shape[2] != k.shape[2]  # queries after a cache
+    if softcap or late or (mask is not None and ctx is not None):
+        return _global_view(q, k, v, mask=mask, causal=causal, scale=scale, softcap=softcap)
     if ctx is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                              is_causal=causal and mask is None, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
     return ctx.attention(q, k, v, causal=causal, scale=scale)
+
+
+def _global_view(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                 mask: torch.Tensor | None, causal: bool, scale: float | None,
+                 softcap: float | None) -> torch.Tensor:
+    """Scores, mask (or the causal one), softmax in fp32, times the values: plain tensor
+    ops, which a plan runs on DTensors as they are laid out."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-2, -1)) * scale                          # (b, h, q, k)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        mask = mask[..., : k.shape[-2]]
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                  else scores + mask)
+    elif causal:
+        n_q, n_k = scores.shape[-2:]
+        keep = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril(n_k - n_q)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 def shard_map(fn: _F, *, in_axes: Sequence[Axes | None], out_axes: MapAxes) -> _F:

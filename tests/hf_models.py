@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import FalconConfig, OPTConfig, OPTForCausalLM
 
 import models.hf
 import shardlang as sl
@@ -76,3 +76,12 @@ def opt_annotated() -> torch.nn.Module:
         "model.decoder.layers": ("layers",),
     }, inputs={layer: act}, outputs={layer: act, f"{layer}.self_attn": act})
     return models.hf.load(model)
+
+
+def falcon() -> torch.nn.Module:
+    """An architecture whose attention calls ``F.scaled_dot_product_attention`` itself, with
+    an explicit causal mask (Falcon always builds one), and has no tp plan."""
+    return models.hf.load(FalconConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True, vocab_size=128, hidden_dropout=0.0,
+        attention_dropout=0.0))

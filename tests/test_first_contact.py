@@ -130,6 +130,21 @@ def test_third_party_decoder_one_schedule_at_the_megatron_minimum(mesh: str) -> 
     assert ex.analytic["tp"].wire_bytes == sum(r.wire_bytes for r in tp)
 
 
+
+def test_third_party_decoder_on_sp_traces_the_ring_it_runs() -> None:
+    """Its own F.scaled_dot_product_attention under seq -> sp is shardlang's ring in dry
+    mode too (explain's fused-kernel stand-in once took the call first and failed inside
+    torch): the same K/V permutes in explain and simulate, at the analytic bytes."""
+    lay = Layout.of(LLAMA, "sp=2")
+    ex = explain(lay)
+    result, parity = simulate(lay, steps=1, check=True)
+    assert parity is not None and parity.ok, parity.lines
+    dry = ex.schedules.ranks[0]
+    assert [(r.signature(), r.site) for r in dry] == [(r.signature(), r.site) for r in result.records]
+    sp = [r for r in dry if r.axis == "sp"]
+    assert {r.op.value for r in sp if r.phase.value == "forward"} == {"permute"}
+    assert ex.analytic["sp"].wire_bytes == sum(r.wire_bytes for r in sp)
+
 @pytest.mark.torchrun
 def test_third_party_decoder_run_mode_records_the_dry_schedule(tmp_path: Path) -> None:
     """``shardlang run`` on the third-party decoder (the run-time check on, by default):

@@ -46,6 +46,8 @@ PARITY = MATRIX + [
     ("qwen3_moe", "dp=2,ep=2", {"fsdp": True}), ("opt_annotated", "tp=2", {}),
     # no tp plan: every axis but tp works unannotated (tp=2 is refused, see BAD)
     ("opt", "dp=2", {"fsdp": True}), ("opt", "pp=2", {}), ("opt", "sp=2", {}),
+    # the model's own F.scaled_dot_product_attention with an explicit mask: global view
+    ("falcon", "dp=2", {}), ("falcon", "sp=2", {}),
 ]
 
 
@@ -122,6 +124,22 @@ def test_ring_attention_for_hf_attention_carries_key_value_heads() -> None:
     assert len(kv) == 2 and all(r.shape[:3] == (2, 8, 2) for r in kv), [r.shape for r in kv]
     assert ex.analytic["sp"].wire_bytes == sum(r.wire_bytes for r in sp)
 
+
+
+@pytest.mark.parametrize("mesh", ["dp=2", "sp=2"])
+def test_a_models_own_masked_sdpa_traces_the_schedule_it_runs(mesh: str) -> None:
+    """Falcon calls F.scaled_dot_product_attention with a mask it builds: under a plan it
+    runs as sl.attention(mask=...) in global view, in dry mode too (dry mode's fused-kernel
+    stand-in leaves DTensors to the plan), so explain records what simulate runs: under
+    dp no sp collective, under sp the key and value gathered in each layer's attention."""
+    lay = _layout("falcon", mesh)
+    ex = explain(lay)
+    result, _ = simulate(lay, steps=1)
+    assert [r.signature() for r in result.records] == [r.signature() for r in ex.schedules.ranks[0]]
+    gathers = [r for r in _on(ex.schedules.ranks[0], "sp")
+               if r.phase.value == "forward" and r.op.value == "all_gather"]
+    assert len(gathers) == (4 if mesh == "sp=2" else 0)
+    assert all("self_attention" in r.site for r in gathers)
 
 def test_pipeline_stages_follow_the_layer_stack() -> None:
     ex = explain(_layout("llama", "pp=2"))

@@ -246,8 +246,8 @@ class LocalOps(TorchFunctionMode):
             call = sdpa_as_attention(func, args, kwargs)
             ctx = sl.active()
             if call is not None and ctx is not None and isinstance(call[0], DTensor):
-                q, k, v, causal, scale = call  # a model's own sdpa call: shardlang's attention
-                return ctx.attention(q, k, v, causal=causal, scale=scale)
+                q, k, v, causal, scale, mask = call  # a model's own sdpa: shardlang's attention
+                return sl.attention(q, k, v, causal=causal, scale=scale, mask=mask)
         elif func is F.cross_entropy and args and isinstance(args[0], DTensor) and \
                 not loss_parallel_active():
             return user_cross_entropy(*args, **kwargs)

@@ -99,8 +99,8 @@ class _SdpaAsAttention(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         call = sdpa_as_attention(func, args, kwargs)
-        if call is not None and not self.check.computing:
-            q, k, v, causal, scale = call
+        if call is not None and call[5] is None and not self.check.computing:
+            q, k, v, causal, scale, _ = call  # (with a mask: global view, nothing to check)
             names = set(self.check.names)  # the model's own call constrains nothing itself:
             try:  # its names must not turn off the automatic conversion points
                 return self.check.attention(q, k, v, causal=causal, scale=scale)
@@ -110,20 +110,23 @@ class _SdpaAsAttention(TorchFunctionMode):
 
 
 def sdpa_as_attention(func: object, args: tuple, kwargs: dict
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, float | None] | None:
-    """``(q, k, v, causal, scale)`` when ``func(*args, **kwargs)`` is a scaled-dot-product
-    attention that ``sl.attention`` computes the same (4-D, no mask, no dropout), else None."""
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, float | None,
+                                 torch.Tensor | None] | None:
+    """``(q, k, v, causal, scale, mask)`` when ``func(*args, **kwargs)`` is a
+    scaled-dot-product attention that ``sl.attention`` computes the same (4-D, no
+    dropout), else None."""
     if func is not F.scaled_dot_product_attention or len(args) < 3:
         return None
     names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     extra = dict(zip(names, args[3:])) | kwargs
     q, k, v = args[:3]
-    if extra.get("attn_mask") is not None or extra.get("dropout_p", 0.0) or any(
+    if extra.get("dropout_p", 0.0) or any(
             not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)):
         return None
     if q.shape[1] != k.shape[1] and not extra.get("enable_gqa", False):
         return None
-    return q, k, v, bool(extra.get("is_causal", False)), extra.get("scale")
+    return (q, k, v, bool(extra.get("is_causal", False)), extra.get("scale"),
+            extra.get("attn_mask"))
 
 
 @dataclass(frozen=True)

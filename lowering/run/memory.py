@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
 from lowering._torch import sdpa, storage_blocks
@@ -57,10 +58,12 @@ def _unpack(x: object) -> torch.Tensor:
 
 class _FusedAttention(TorchFunctionMode):
     """Dry mode: a model's own ``F.scaled_dot_product_attention`` on meta tensors saves
-    what the fused kernel of a real run saves (:func:`lowering._torch.sdpa`)."""
+    what the fused kernel of a real run saves (:func:`lowering._torch.sdpa`). On DTensors
+    the call goes on to the plan's own attention (ring, local blocks or global view),
+    which runs that kernel on each rank's blocks."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        if func is F.scaled_dot_product_attention:
+        if func is F.scaled_dot_product_attention and not (args and isinstance(args[0], DTensor)):
             return sdpa(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 

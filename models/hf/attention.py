@@ -27,26 +27,6 @@ __all__ = ["NAME", "register", "shardlang_attention"]
 NAME = "shardlang"
 
 
-def _masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            mask: torch.Tensor | None, scale: float, causal: bool,
-            softcap: float | None) -> torch.Tensor:
-    """Attention in global view with an explicit mask (True or 0.0: attend)."""
-    group = query.shape[1] // key.shape[1]
-    if group > 1:
-        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-    scores = (query @ key.transpose(-2, -1)) * scale                    # (b, h, q, k)
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    if mask is not None:
-        mask = mask[..., : key.shape[-2]]
-        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
-    elif causal:
-        q, k = scores.shape[-2:]
-        keep = torch.ones(q, k, dtype=torch.bool, device=scores.device).tril(k - q)
-        scores = scores.masked_fill(~keep, -math.inf)
-    return torch.softmax(scores.float(), dim=-1).to(query.dtype) @ value
-
-
 def shardlang_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                         value: torch.Tensor, attention_mask: torch.Tensor | None,
                         dropout: float = 0.0, scaling: float | None = None,
@@ -66,8 +46,9 @@ def shardlang_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     if attention_mask is None and not softcap and (q_len == kv_len or q_len == 1):
         out = sl.attention(query, key, value, causal=causal and q_len > 1, scale=scale)
-    else:
-        out = _masked(query, key, value, attention_mask, scale, causal, softcap)
+    else:  # an explicit mask or a soft-cap: global view (sl.attention's mask path)
+        out = sl.attention(query, key, value, causal=causal and q_len > 1, scale=scale,
+                           mask=attention_mask, softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
 
 
