@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 
 import pytest
@@ -161,6 +162,25 @@ def test_explain_json_predicted_fields(capsys: pytest.CaptureFixture[str]) -> No
     assert set(pred["axis_s"]) == {"pp", "tp"} and pred["step_s"] > 0
     assert 0 < pred["bubble"] < 1 and 0 < pred["mfu"] < 1
 
+
+def test_plan_traces_side_by_side_as_it_would_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """plan traces its finalists in forked workers, one per core; each answer is the one
+    a trace in this process gives (the same prediction and memory), best first."""
+    found_by = importlib.import_module("lowering.search.search")  # the module, not the function
+    base = Layout.of("gpt-tiny", "dp=1", batch=8)
+    dev = device("cpu")
+    monkeypatch.setattr(found_by, "_workers", lambda n: min(n, 2))
+    forked = search(base, 4, dev, top=2, budget_s=0)
+    assert forked.traced >= 2 and len(forked.found) == 2
+    assert not found_by._JOB  # the workers and their job are gone
+    job = found_by._Job(base, ["none", "full"], dev, dev.gpus_per_node)
+    for f in forked.found:
+        traced, tried = job.trace(dataclasses.replace(f.candidate, recompute="none"))
+        here = tried[-1]
+        assert traced and here is not None
+        assert (here.candidate, here.predicted, here.memory, here.memory_rank) == \
+            (f.candidate, f.predicted, f.memory, f.memory_rank)
+    assert forked.found[0].predicted.step_s <= forked.found[1].predicted.step_s
 
 def test_plan_ranks_layouts_as_explain_predicts(capsys: pytest.CaptureFixture[str]) -> None:
     base = Layout.of("gpt-tiny", "dp=1", batch=8)

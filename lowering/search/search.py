@@ -14,6 +14,9 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import multiprocessing.pool
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -147,30 +150,16 @@ def search(layout: Layout, world: int, dev: Device, *, top: int = 3,
             out.no_fit += 1
     scored.sort(key=lambda x: x[0])
     queue = list(reversed(scored))  # popped best first
-    while queue:
-        est, c = queue.pop()
-        # the best estimates first; past ``top`` found, more while the time budget lasts
-        # (the formulas only pre-sort: a traced layout outranks an untraced one)
-        if len(out.found) >= top and time.perf_counter() - t0 > budget_s:
-            break
-        try:
-            lay = Layout(layout.model, c.mesh, layout.rules,
-                         dataclasses.replace(layout.options, **c.options()), layout.seed)
-            ex = explain(lay)
-        except sl.ShardingError:
-            continue  # a shape the formulas did not catch (heads, experts, ...): skip it
-        out.traced += 1
-        # traced, it does not fit: the same trace under the next recompute mode (a dry
-        # trace does not depend on the mode, only its memory report and prediction do)
-        for mode in modes[modes.index(c.recompute):]:
-            c = dataclasses.replace(c, recompute=mode)
-            ex = ex if ex.plan.options.recompute.value == mode else ex.with_recompute(mode)
-            worst = max(ex.memory, key=lambda r: ex.memory[r].peak)
-            if ex.memory[worst].peak <= dev.memory:
-                out.found.append(Found(c, ex.predict(dev, gpus_per_node=g), ex.memory[worst],
-                                       worst, est))
-                break
-            out.no_fit += 1
+    with _Tracer(_Job(layout, modes, dev, g), _workers(len(scored))) as tracer:
+        while True:
+            # the best estimates first; past ``top`` found, more while the time budget
+            # lasts (the formulas only pre-sort: a traced layout outranks an untraced one)
+            while queue and tracer.free() and not _done(out, top, t0, budget_s):
+                tracer.submit(*queue.pop())
+            if not tracer.busy() or _done(out, top, t0, budget_s):
+                break  # what may still be tracing is past ``top`` and past the budget
+            for est, result in tracer.collect(0.05):
+                _take(out, result, est)
     if not out.found:
         raise sl.ShardingError(
             f"plan: no layout of {world} rank{'s' if world > 1 else ''} fits {dev.name}'s {human(dev.memory)} per GPU "
@@ -182,6 +171,118 @@ def search(layout: Layout, world: int, dev: Device, *, top: int = 3,
     del out.found[top:]
     out.seconds = time.perf_counter() - t0
     return out
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What tracing one candidate needs (a forked worker inherits it)."""
+
+    layout: Layout
+    modes: list[str]
+    dev: Device
+    gpus_per_node: int
+
+    def trace(self, c: Candidate) -> tuple[bool, list[Found | None]]:
+        """Trace ``c`` in dry mode: (traced at all, then per recompute mode tried: the
+        :class:`Found` where it fits, None where it does not). A trace under the next mode
+        re-reads the same trace (a dry trace does not depend on the mode, only its memory
+        report and prediction do)."""
+        layout, modes = self.layout, self.modes
+        try:
+            lay = Layout(layout.model, c.mesh, layout.rules,
+                         dataclasses.replace(layout.options, **c.options()), layout.seed)
+            ex = explain(lay)
+        except sl.ShardingError:
+            return False, []  # a shape the formulas did not catch (heads, experts, ...)
+        tried: list[Found | None] = []
+        for mode in modes[modes.index(c.recompute):]:
+            c = dataclasses.replace(c, recompute=mode)
+            ex = ex if ex.plan.options.recompute.value == mode else ex.with_recompute(mode)
+            worst = max(ex.memory, key=lambda r: ex.memory[r].peak)
+            if ex.memory[worst].peak <= self.dev.memory:
+                tried.append(Found(c, ex.predict(self.dev, gpus_per_node=self.gpus_per_node),
+                                   ex.memory[worst], worst, 0.0))
+                break
+            tried.append(None)
+        return True, tried
+
+
+_JOB: list[_Job] = []  # the running search's job, for the forked workers
+
+
+def _trace_in_child(c: Candidate) -> tuple[bool, list[Found | None]]:
+    return _JOB[0].trace(c)
+
+
+def _child_starts() -> None:
+    torch.set_num_threads(1)  # a forked child never enters the parent's OpenMP pool
+
+
+def _workers(n: int) -> int:
+    """Traces run side by side, one per core (a dry trace is single-threaded Python)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(n, cores or 1))
+
+
+class _Tracer:
+    """Runs :meth:`_Job.trace` in this process (one worker) or in forked workers, one
+    candidate each at a time; leaving it ends the workers, traces in flight included."""
+
+    def __init__(self, job: _Job, workers: int) -> None:
+        self.job, self.workers = job, workers
+        self.pool: multiprocessing.pool.Pool | None = None
+        self.running: list[tuple[float, multiprocessing.pool.AsyncResult]] = []
+        self.finished: list[tuple[float, tuple[bool, list[Found | None]]]] = []
+        if workers > 1:
+            _JOB[:] = [job]
+            self.pool = multiprocessing.get_context("fork").Pool(
+                workers, initializer=_child_starts)
+
+    def free(self) -> bool:
+        return len(self.running) < self.workers and not (self.pool is None and self.finished)
+
+    def busy(self) -> bool:
+        return bool(self.running or self.finished)
+
+    def submit(self, est: float, c: Candidate) -> None:
+        if self.pool is None:
+            self.finished.append((est, self.job.trace(c)))
+        else:
+            self.running.append((est, self.pool.apply_async(_trace_in_child, (c,))))
+
+    def collect(self, wait_s: float) -> list[tuple[float, tuple[bool, list[Found | None]]]]:
+        """What has finished (waiting up to ``wait_s`` for the first of those running)."""
+        if not self.finished and self.running:
+            self.running[0][1].wait(wait_s)
+        done = [r for r in self.running if r[1].ready()]
+        self.running = [r for r in self.running if not r[1].ready()]
+        out, self.finished = self.finished + [(est, r.get()) for est, r in done], []
+        return out
+
+    def __enter__(self) -> _Tracer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+        _JOB.clear()
+
+
+def _done(out: Search, top: int, t0: float, budget_s: float) -> bool:
+    return len(out.found) >= top and time.perf_counter() - t0 > budget_s
+
+
+def _take(out: Search, result: tuple[bool, list[Found | None]], est: float) -> None:
+    traced, tried = result
+    out.traced += traced
+    for f in tried:
+        if f is None:
+            out.no_fit += 1
+        else:
+            out.found.append(dataclasses.replace(f, estimate_s=est))
 
 
 def _recompute_modes(recompute: str) -> list[str]:
