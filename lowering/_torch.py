@@ -75,8 +75,30 @@ def is_functional_collective(func: Any) -> bool:
 
 tree_flatten = _pytree.tree_flatten
 tree_unflatten = _pytree.tree_unflatten
-tree_leaves = _pytree.tree_leaves
 tree_map = _pytree.tree_map
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """``torch.utils._pytree.tree_leaves``, in the same order, with plain tuples, lists and
+    dicts walked here (an op's arguments, on every dispatched op of a dry trace: pytree's
+    general walk was a tenth of a 70B trace); any other node type goes to pytree."""
+    out: list[Any] = []
+    _leaves_into(tree, out)
+    return out
+
+
+def _leaves_into(x: Any, out: list[Any]) -> None:
+    t = type(x)
+    if t is tuple or t is list:
+        for y in x:
+            _leaves_into(y, out)
+    elif t is dict:
+        for y in x.values():
+            _leaves_into(y, out)
+    elif t in _pytree.SUPPORTED_NODES or isinstance(x, tuple):
+        out.extend(_pytree.tree_leaves(x))  # namedtuples, return types, OrderedDict, ...
+    else:
+        out.append(x)
 
 
 # -- functional collectives -----------------------------------------------------------------------

@@ -164,3 +164,19 @@ def test_gradient_buckets_are_recorded_as_the_formula_counts_them(mesh: dict[str
 def test_a_negative_bucket_size_is_a_sharding_error(cli) -> None:
     code, _, err = cli("explain", "gpt-tiny", "--mesh", "dp=2", "--bucket-kb", "-1")
     assert code == 2 and "--bucket-kb -1" in err and ">= 0" in err
+
+
+def test_tree_leaves_walks_as_pytree_does() -> None:
+    """Dry traces flatten every op's arguments with our own walk (pytree's general one
+    was a tenth of a 70B trace): the same leaves, the same objects, in the same order."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    from lowering._torch import tree_leaves
+    pair = collections.namedtuple("pair", "a b")
+    t = torch.ones(2)
+    for tree in [(t, [2, {"x": t, "y": (None, "s")}]), pair(t, [3]),
+                 collections.OrderedDict(a=t, b=[t, 1.5]), torch.Size([2, 3]), [],
+                 torch.return_types.max((t, t)), {"k": torch.Size([1])}, t]:
+        ours, theirs = tree_leaves(tree), pytree.tree_leaves(tree)
+        assert len(ours) == len(theirs) and all(a is b for a, b in zip(ours, theirs)), tree

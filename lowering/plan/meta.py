@@ -31,7 +31,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 import shardlang as sl
-from lowering._torch import TorchDispatchMode, tree_flatten, tree_map
+from lowering._torch import TorchDispatchMode, tree_leaves, tree_map
 
 __all__ = ["KnownValues", "LIMIT"]
 
@@ -119,7 +119,7 @@ class KnownValues(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        flat, _ = tree_flatten((args, kwargs))
+        flat = tree_leaves((args, kwargs))
         if any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in flat):
             return func(*args, **kwargs)  # a tensor subclass (DTensor) decides for itself
         metas = [a for a in flat if _is_meta(a)]
@@ -141,7 +141,7 @@ class KnownValues(TorchDispatchMode):
             self.shadow[out] = real
             return out
         out = func(*args, **kwargs)
-        flat_out = tree_flatten(out)[0]
+        flat_out = tree_leaves(out)
         outs = [o for o in flat_out if _is_meta(o)]
         real: object = None
         if outs and known and (metas or not func.__name__.startswith("empty")):
@@ -161,7 +161,7 @@ class KnownValues(TorchDispatchMode):
             for o in outs:  # written without a tracked value (in place): forget the old one
                 self.shadow.pop(o, None)
             return out
-        for o, r in zip(flat_out, tree_flatten(real)[0]):
+        for o, r in zip(flat_out, tree_leaves(real)):
             if _is_meta(o) and isinstance(r, torch.Tensor):
                 self.shadow[o] = r
         return out
