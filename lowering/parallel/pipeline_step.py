@@ -137,10 +137,13 @@ def step_in_process(stages: Mapping[int, StageModel],
         else:
             fwd.pop((c, j), None)
             first = traced_chunks[(r, c)]
-            if first.inp is not None:
-                grads_in[(c, j)] = torch.zeros_like(first.inp)
+            if first.inp is not None:  # one stand-in per chunk: only its shape is sent
+                if (r, c) not in zero_grads:
+                    zero_grads[(r, c)] = torch.zeros_like(first.inp)
+                grads_in[(c, j)] = zero_grads[(r, c)]
 
     traced_chunks: dict[tuple[int, int], Chunk] = {}
+    zero_grads: dict[tuple[int, int], torch.Tensor] = {}
 
     def _do(r: int, a: Action) -> None:
         st, con, rec = stages[r], constrain[r], recs[r]

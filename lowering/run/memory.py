@@ -76,6 +76,8 @@ class MemoryMeter:
     def __init__(self, models: Mapping[int, nn.Module], *, ranks: int, dry: bool) -> None:
         self.models, self.ranks, self.dry = dict(models), ranks, dry
         self._live: dict[int, tuple[int, list[Block]]] = {}
+        self._changes = 0  # how often _live changed: live() is asked around every action
+        self._counted: dict[int, tuple[int, dict[int, int]]] = {}  # pp -> (changes, live)
         self._params = {key for m in models.values() for p in m.parameters()
                         for _, key, _ in self._blocks(p)}
         self._inputs: set[int] = set()
@@ -105,6 +107,9 @@ class MemoryMeter:
 
     def live(self, pp: int) -> dict[int, int]:
         """Bytes autograd holds now for pipeline rank ``pp``, per local rank."""
+        known = self._counted.get(pp)
+        if known is not None and known[0] == self._changes:
+            return dict(known[1])  # nothing saved or released since (a replayed action)
         out, seen = dict.fromkeys(range(self.ranks), 0), set()
         for tag, blocks in self._live.values():
             if tag != pp:
@@ -113,6 +118,7 @@ class MemoryMeter:
                 if (r, key) not in seen:
                     seen.add((r, key))
                     out[r] += st.nbytes()
+        self._counted[pp] = (self._changes, dict(out))
         return out
 
     def held_bytes(self, t: torch.Tensor) -> int:
@@ -129,9 +135,14 @@ class MemoryMeter:
         blocks = [b for b in self._blocks(t) if b[1] not in skip]
         if not blocks:
             return t
-        held = _Held(t, lambda i: self._live.pop(i, None))
+        held = _Held(t, self._forget)
         self._live[id(held)] = (self._pp, blocks)
+        self._changes += 1
         return held
+
+    def _forget(self, key: int) -> None:
+        if self._live.pop(key, None) is not None:
+            self._changes += 1
 
     # -- the step's moments --------------------------------------------------------------
     @contextlib.contextmanager
