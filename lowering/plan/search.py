@@ -207,36 +207,36 @@ def estimate(c: Candidate, prof: ModelProfile, dev: Device, *, precision: str,
     # forward, backward, and under full recompute the forward's again in the backward
     for phase in (Phase.FORWARD, Phase.BACKWARD, *((Phase.BACKWARD,) if recompute else ())):
         if mesh.tp > 1:
-            items.append(("critical", phase, "tp", 2 * per * t(Op.ALL_REDUCE, "tp", hidden_bytes, mesh.tp)))
+            items.append(("critical", phase, "tp", 2 * per * t(Op.ALL_REDUCE, "tp", hidden_bytes, mesh.tp), 1))
         if mesh.sp > 1:
             kv = 2 * hidden_bytes / mesh.tp
-            items.append(("critical", phase, "sp", per * (mesh.sp - 1) * t(Op.PERMUTE, "sp", kv, mesh.sp)))
+            items.append(("critical", phase, "sp", per * (mesh.sp - 1) * t(Op.PERMUTE, "sp", kv, mesh.sp), 1))
         if mesh.ep > 1:
-            items.append(("critical", phase, "ep", 2 * per * t(Op.ALL_TO_ALL, "ep", hidden_bytes, mesh.ep)))
+            items.append(("critical", phase, "ep", 2 * per * t(Op.ALL_TO_ALL, "ep", hidden_bytes, mesh.ep), 1))
     grad_bytes = 4 * (dense / (mesh.tp * pp))
     if mesh.dp > 1 and c.fsdp:  # per parameter: gather forward and backward, reduce-scatter
         full = prof.compute_bytes * held * mesh.dp
         n = max(1, round(prof.tensors / pp)) * (m if pipe else 1)
         tg = t(Op.ALL_GATHER, "dp", full / n * (m if pipe else 1), mesh.dp)
         for phase in (Phase.FORWARD, Phase.BACKWARD):
-            items += [("gather", phase, "dp", tg)] * n
+            items.append(("gather", phase, "dp", tg, n))
         n_rs = max(1, round(prof.tensors / pp))
-        items += [("grad", Phase.BACKWARD, "dp",
-                   t(Op.REDUCE_SCATTER, "dp", 4 * held * mesh.dp / n_rs, mesh.dp))] * n_rs
+        items.append(("grad", Phase.BACKWARD, "dp",
+                      t(Op.REDUCE_SCATTER, "dp", 4 * held * mesh.dp / n_rs, mesh.dp), n_rs))
     elif mesh.dp * mesh.ep * mesh.sp > 1:
         n = mesh.dp * mesh.ep * mesh.sp
         # DDP buckets; under a pipeline one all-reduce per parameter after the last backward
         buckets = (max(1, round(prof.tensors / pp)) if pipe else
                    max(1, math.ceil(grad_bytes / BUCKET_BYTES)))
-        items += [("grad", Phase.BACKWARD, "dp",
-                   t(Op.ALL_REDUCE, "dp", grad_bytes / buckets, n))] * buckets
+        items.append(("grad", Phase.BACKWARD, "dp",
+                      t(Op.ALL_REDUCE, "dp", grad_bytes / buckets, n), buckets))
     hop = t(Op.SEND, "pp", hidden_bytes, pp) if pipe else 0.0
     if pipe:
-        items.append(("p2p", Phase.FORWARD, "pp", 2 * m * v * hop))
+        items.append(("p2p", Phase.FORWARD, "pp", 2 * m * v * hop, 1))
         # embeddings, final norm, head: their gradients summed over pp, one by one
         k = max(1, prof.outside_tensors)
         shared = 4 * prof.outside_params / mesh.tp / k
-        items += [("after", Phase.BACKWARD, "pp", t(Op.ALL_REDUCE, "pp", shared, pp))] * k
+        items.append(("after", Phase.BACKWARD, "pp", t(Op.ALL_REDUCE, "pp", shared, pp), k))
     pred = predict_items(dev, precision=precision, compute={0: compute}, items={0: items},
                          pipe=pipe,
                          tokens=prof.batch * prof.seq, hop=hop, closed_form=True)

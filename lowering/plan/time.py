@@ -136,23 +136,41 @@ def overlap_kind(r: Record) -> str:
     return "critical"
 
 
-def _hidden(times: Sequence[float], window: float, *, first: bool) -> float:
-    """Exposed seconds of collectives overlapping a compute ``window``: the first (or
-    last) one always, the rest beyond the window."""
-    if not times:
+def _hidden(n: int, total: float, always: float, window: float) -> float:
+    """Exposed seconds of ``n`` collectives (``total`` seconds) overlapping a compute
+    ``window``: the first (or last) one, ``always`` seconds, always; the rest beyond the
+    window."""
+    if not n:
         return 0.0
-    always = times[0] if first else times[-1]
-    return always + max(0.0, sum(times) - always - window)
+    return always + max(0.0, total - always - window)
 
 
-#: one collective's (or a run of equal ones') place in the model: (kind, phase, axis, seconds);
-#: kind as :func:`overlap_kind` says
-Item = tuple[str, Phase, str, float]
+class _Group:
+    """The collectives of one (kind, phase) on a stage: how many, their seconds in all
+    and per axis, the first one's and the last one's."""
+
+    __slots__ = ("n", "total", "first", "last", "axes")
+
+    def __init__(self, first: float = 0.0) -> None:
+        self.n, self.total, self.first, self.last = 0, 0.0, first, 0.0
+        self.axes: dict[str, float] = {}
+
+    def take(self, t: float, ax: str, n: int = 1) -> None:
+        """``n`` more of ``t`` seconds each, on ``ax``."""
+        self.n += n
+        self.total += t * n
+        self.last = t
+        self.axes[ax] = self.axes.get(ax, 0.0) + t * n
+
+
+#: one collective's (or a run of equal ones') place in the model: (kind, phase, axis,
+#: seconds of one, how many); kind as :func:`overlap_kind` says
+Item = tuple[str, Phase, str, float, int]
 
 
 def record_items(records: Sequence[Record], mesh: sl.Mesh, dev: Device,
                  gpus_per_node: int | None = None) -> list[Item]:
-    return [(overlap_kind(r), r.phase, r.axis, collective_seconds(r, mesh, dev, gpus_per_node))
+    return [(overlap_kind(r), r.phase, r.axis, collective_seconds(r, mesh, dev, gpus_per_node), 1)
             for r in records]
 
 
@@ -175,42 +193,50 @@ def _stage(compute: StageCompute, items: Sequence[Item], chunks: Sequence[int], 
     b = {c: sec.get(("B", c), 0.0) + sec.get(("R", c), 0.0) for c in chunks}
     axis: dict[str, float] = {}
     exposed: dict[str, float] = {}
-    groups: dict[tuple[str, Phase], list[tuple[float, str]]] = {}
-    for kind, phase, ax, t in items:
-        axis[ax] = axis.get(ax, 0.0) + t
-        groups.setdefault((kind, phase), []).append((t, ax))
+    groups: dict[tuple[str, Phase], _Group] = {}
+    for kind, phase, ax, t, n in items:  # one pass: a stage of a long pipeline has thousands
+        axis[ax] = axis.get(ax, 0.0) + t * n
+        g = groups.get((kind, phase))
+        if g is None:
+            g = groups[(kind, phase)] = _Group(t)
+        g.take(t, ax, n)
 
-    def times(kind: str, *phases: Phase) -> list[float]:
-        return [t for ph in phases for t, _ in groups.get((kind, ph), [])]
+    def group(kind: str, phase: Phase) -> _Group:
+        return groups.get((kind, phase)) or _Group()
 
     def add(kind: str, phase: Phase, seconds: float) -> None:
         """Attribute ``seconds`` of exposed time to the axes of these collectives."""
-        items_ = groups.get((kind, phase), [])
-        total = sum(x for x, _ in items_)
-        for t, ax in items_:
-            if total:
-                exposed[ax] = exposed.get(ax, 0.0) + seconds * t / total
+        g = groups.get((kind, phase))
+        if g is None or not g.total:
+            return
+        for ax, t in g.axes.items():
+            exposed[ax] = exposed.get(ax, 0.0) + seconds * t / g.total
 
     fwd_total, bwd_total = sum(f.values()) * m, sum(b.values()) * m
     # critical collectives: spread over the stage's actions like its compute
     for phase, per, total in ((Phase.FORWARD, f, fwd_total), (Phase.BACKWARD, b, bwd_total)):
-        crit = sum(times("critical", phase))
+        crit = group("critical", phase).total
         add("critical", phase, crit)
         for c in chunks:
             share = per[c] * m / total if total else 1.0 / len(chunks)
             per[c] += crit * share / m
-    gather, gather_b = times("gather", Phase.FORWARD), times("gather", Phase.BACKWARD)
-    grads = times("grad", Phase.BACKWARD, Phase.FORWARD)
-    g_exp = _hidden(gather, fwd_total, first=True)
-    gb_exp = _hidden(gather_b + grads, b[chunks[0]] if pipelined else bwd_total, first=False)
+    gather, gather_b = group("gather", Phase.FORWARD), group("gather", Phase.BACKWARD)
+    grads_b, grads_f = group("grad", Phase.BACKWARD), group("grad", Phase.FORWARD)
+    n_grads = grads_b.n + grads_f.n
+    g_exp = _hidden(gather.n, gather.total, gather.first, fwd_total)
+    # the gradient syncs and backward gathers in order: backward gathers, then the
+    # gradients (backward, then forward phase); the last of them is always exposed
+    late = next((g.last for g in (grads_f, grads_b, gather_b) if g.n), 0.0)
+    gb_exp = _hidden(n_grads + gather_b.n, gather_b.total + grads_b.total + grads_f.total,
+                     late, b[chunks[0]] if pipelined else bwd_total)
     add("gather", Phase.FORWARD, g_exp)
-    n_late = max(1, len(grads) + len(gather_b))
+    n_late = max(1, n_grads + gather_b.n)
     for ph in (Phase.BACKWARD, Phase.FORWARD):
-        add("grad", ph, gb_exp * len(grads) / n_late)
-    add("gather", Phase.BACKWARD, gb_exp * len(gather_b) / n_late)
+        add("grad", ph, gb_exp * n_grads / n_late)
+    add("gather", Phase.BACKWARD, gb_exp * gather_b.n / n_late)
     after = 0.0
     for kind, ph in [k for k in groups if k[0] == "after"]:
-        t_after = sum(times(kind, ph))
+        t_after = groups[(kind, ph)].total
         add(kind, ph, t_after)
         after += t_after
     opt = sec.get(("O", 0), 0.0)

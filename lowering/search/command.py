@@ -43,9 +43,10 @@ def add_plan_parser(sub: argparse._SubParsersAction, model_help: str) -> None:  
                         "none, selective (equal to none with fused attention) or full")
     p.add_argument("--top", type=int, default=3, metavar="K",
                    help="how many layouts to trace and print (default 3)")
-    p.add_argument("--budget", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--budget", type=float, default=45.0, metavar="SECONDS",
                    help="keep tracing candidates past the top K until this many seconds "
-                        "have passed (default 60; the formulas only pre-sort them)")
+                        "have passed since the search began (default 45; the formulas "
+                        "only pre-sort them)")
     p.add_argument("--json", action="store_true",
                    help='print {"candidates": [{"mesh", "fsdp", "microbatches", "schedule", '
                         '"recompute", "memory", "predicted", "why"}]} best first')

@@ -120,7 +120,7 @@ def profile(layout: Layout) -> ModelProfile:
 
 
 def search(layout: Layout, world: int, dev: Device, *, top: int = 3,
-           gpus_per_node: int | None = None, budget_s: float = 60.0,
+           gpus_per_node: int | None = None, budget_s: float = 45.0,
            recompute: str = "auto") -> Search:
     """The ``top`` layouts of ``world`` ranks for ``layout``'s model, batch, seq and
     precision on ``dev``, best first (module docstring). Traces continue past ``top``
