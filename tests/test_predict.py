@@ -135,6 +135,22 @@ def test_hidden_gradient_buckets_cost_only_the_last() -> None:
     assert p.axis_s["dp"] == pytest.approx(10 * one)
 
 
+def test_a_run_of_equal_collectives_counts_as_its_members() -> None:
+    """plan's estimates give a run of equal collectives as one item with a count: the
+    prediction is the one for the members listed one by one (exposed first gather, last
+    gradient sync, the rest hidden behind compute up to the window)."""
+    compute = {0: {("F", 0): Cost(flops=1e12), ("B", 0): Cost(flops=2e12)}}
+    runs = [("gather", Phase.FORWARD, "dp", 2e-3, 40), ("grad", Phase.BACKWARD, "dp", 3e-3, 30),
+            ("critical", Phase.FORWARD, "tp", 1e-3, 7), ("after", Phase.BACKWARD, "pp", 1e-4, 3)]
+    one_by_one = [(k, ph, ax, t, 1) for k, ph, ax, t, n in runs for _ in range(n)]
+    h100 = device("h100-80gb")
+    a, b = (predict_items(h100, precision="bf16", compute=compute, items={0: items},
+                          pipe=None, tokens=1) for items in (runs, one_by_one))
+    assert a.step_s == pytest.approx(b.step_s, rel=1e-12)
+    assert a.exposed_s == pytest.approx(b.exposed_s, rel=1e-12)
+    assert a.axis_s == pytest.approx(b.axis_s, rel=1e-12) and a.exposed_s["dp"] > 0
+
+
 @pytest.mark.parametrize("schedule,m,v", [("1f1b", 8, 1), ("gpipe", 4, 1),
                                           ("interleaved", 8, 2)])
 def test_pipeline_bubble_is_the_schedules(schedule: str, m: int, v: int) -> None:
