@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "TorchDispatchMode", "ModTracker", "implicit_replication", "loss_parallel",
-    "in_backward", "is_higher_order", "op_name", "is_functional_collective",
+    "in_backward", "is_higher_order", "op_name", "is_functional_collective", "draws_random",
     "tree_flatten", "tree_unflatten", "tree_leaves", "tree_map",
     "all_to_all_single", "all_reduce_sum", "all_reduce_async", "at_backward_end", "wait",
     "is_wrapper_subclass", "local_block", "dtensor_like",
@@ -66,6 +66,18 @@ def is_higher_order(func: object) -> bool:
 def op_name(func: Any) -> str:
     """An aten/c10d op's name without its namespace and overload (``all_reduce``)."""
     return str(func._opname)
+
+
+def draws_random(func: Any, args: Sequence[Any], kwargs: dict) -> bool:
+    """Whether this aten call draws random numbers: a seeded op, unless its dropout
+    probability argument (an attention kernel's ``dropout_p``) is zero."""
+    if torch.Tag.nondeterministic_seeded not in getattr(func, "tags", ()):
+        return False
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.name in ("dropout_p", "p"):
+            value = args[i] if i < len(args) else kwargs.get(arg.name, arg.default_value)
+            return bool(value)
+    return True
 
 
 def is_functional_collective(func: Any) -> bool:

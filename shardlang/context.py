@@ -61,8 +61,9 @@ def active() -> LoweringContext | None:
 
 
 @contextlib.contextmanager
-def activate(ctx: LoweringContext) -> Iterator[LoweringContext]:
-    """Make ``ctx`` the active lowering context for the duration of the block."""
+def activate(ctx: LoweringContext | None) -> Iterator[LoweringContext | None]:
+    """Make ``ctx`` the active lowering context for the duration of the block (None:
+    single-device semantics inside it, as a forward on local tensors needs)."""
     _ACTIVE.append(ctx)
     try:
         yield ctx

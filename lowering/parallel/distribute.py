@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 import shardlang as sl
 from lowering._torch import host_values, own_copy_per_rank, rank_map
 from lowering.parallel.fsdp import compute_dtype, install_at_use
+from lowering.parallel.local_dp import install_local_dp
 from lowering.parallel.tensor import install_tp_hooks
 from lowering.plan import Plan
 
@@ -40,6 +41,7 @@ def distribute_model(model: nn.Module, plan: Plan, dmesh: DeviceMesh) -> nn.Modu
     _own_buffers(model)
     install_at_use(model, plan, dmesh, dtype=compute_dtype(plan.options.precision))
     install_tp_hooks(model, plan)
+    install_local_dp(model, plan, dmesh)
     return model
 
 

@@ -209,14 +209,16 @@ def _wrap(mod: nn.Module, mod_name: str, sharded: list[str], cast: list[str],
         grad = torch.is_grad_enabled()
         params = {n: mod._parameters[n] for n in sharded}
         used = {n: gathers.take(p, name(n)) for n, p in params.items()}
+        shadowed = {n: mod.__dict__[n] for n in cast if n in mod.__dict__}  # local views
         mod.__dict__.update(used)
         for n in cast:
-            mod.__dict__[n] = _cast(mod._parameters[n], dtype)
+            mod.__dict__[n] = _cast(shadowed.get(n, mod._parameters[n]), dtype)
         try:
             out = orig(*args, **kwargs)
         finally:
             for n in (*sharded, *cast):
                 mod.__dict__.pop(n, None)
+            mod.__dict__.update(shadowed)
             for p in params.values():
                 gathers.release(p, keep_for_backward=grad)
         if grad and params:
