@@ -36,26 +36,35 @@ def _input_kinds(make: Callable[[], nn.Module], steps: int, mesh: str = "dp=2", 
     return seen, got, par
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_after_the_first_step_a_dp_forward_runs_on_local_tensors(precision: str) -> None:
+@pytest.mark.parametrize("precision,fsdp", [("fp32", False), ("bf16", False), ("fp32", True),
+                                            ("bf16", True)])
+def test_after_the_first_step_a_dp_forward_runs_on_local_tensors(precision: str,
+                                                                   fsdp: bool) -> None:
     ref, single = train("", steps=4, precision=precision)
     single.close()
-    seen, got, par = _input_kinds(TinyLM, 4, precision=precision)
+    seen, got, par = _input_kinds(TinyLM, 4, precision=precision, fsdp=fsdp)
     try:
         assert seen == [True, False, False, False]  # probed as DTensors, then local
         assert got == pytest.approx(ref, rel=1e-5 if precision == "fp32" else 2e-2, abs=1e-5)
-        # the parameters stay DTensors; their fp32 gradients are reduced in one bucket
+        # the parameters stay DTensors; their fp32 gradients are reduced in one bucket, or
+        # (FSDP) every parameter gathered once per forward and reduce-scattered once
         assert all(isinstance(p, DTensor) for p in par.model.parameters())
         dp = [r for r in par.schedule() if r.axis == "dp" and r.site != "loss"]
-        psi = sum(p.numel() * 4 for p in TinyLM().parameters())
-        assert [r.bytes for r in dp] == [psi]
+        params = list(TinyLM().parameters())
+        if fsdp:
+            ops = [r.op.value for r in dp]
+            assert ops.count("reduce_scatter") == len(params)  # the tied head is one
+            assert ops.count("all_gather") >= len(params)
+        else:
+            assert [r.bytes for r in dp] == [sum(p.numel() * 4 for p in params)]
     finally:
         par.close()
 
 
-def test_the_local_steps_record_the_probed_steps_schedule() -> None:
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_the_local_steps_record_the_probed_steps_schedule(fsdp: bool) -> None:
     torch.manual_seed(0)
-    par = lowering.parallelize(TinyLM(), "dp=2")
+    par = lowering.parallelize(TinyLM(), "dp=2", fsdp=fsdp)
     opt = torch.optim.SGD(par.model.parameters(), lr=0.1)
     scheds = []
     for step in range(3):

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
 from lowering._torch import (free_storage, local_block, refill_storage, storage_blocks,
                              tree_leaves)
@@ -31,7 +31,7 @@ from lowering.parallel.data import reduce_grad
 from lowering.plan import Plan
 from lowering.schedule import Op, logical, site
 
-__all__ = ["install_at_use", "compute_dtype", "gathered_storages", "gathered_peak"]
+__all__ = ["install_at_use", "compute_dtype", "gathered_storages", "gathered_peak", "local_view"]
 
 
 def compute_dtype(precision: str) -> torch.dtype | None:
@@ -89,10 +89,13 @@ class _Gathers:
         self.live: dict[int, tuple[DTensor, int]] = {}   # id(param) -> (gathered, uses left)
         self.freed: dict[int, DTensor] = {}              # id(gathered) -> it, freed
         self.held = self.peak = 0                        # bytes gathered at once (a rank's)
+        self.issued = 0                                  # gathers issued in forwards so far
+        self.local = False  # a batch-local forward (local_dp): modules read local views
 
     def take(self, p: DTensor, name: str) -> DTensor:
         if id(p) not in self.live:
             g = _Gather.apply(p, name, self.dtype)
+            self.issued += 1
             self.live[id(p)] = (g, self.owners[id(p)])
             self.held += _local_bytes(g)
             self.peak = max(self.peak, self.held)
@@ -124,6 +127,18 @@ class _Gathers:
         (once, whichever of its owners' backward comes first)."""
         if self.freed.pop(id(g), None) is not None:
             refill_storage(g, _all_gather(p, name, self.dtype))
+
+
+def local_view(t: DTensor) -> torch.Tensor:
+    """``t``'s local tensor for a batch-local forward (:mod:`.local_dp`): its gradient goes
+    back to ``t`` as a partial sum over each mesh dim ``t`` is replicated on (this rank's
+    rows' share), what the same forward on DTensors yields."""
+    if not (torch.is_grad_enabled() and t.requires_grad):
+        return t.to_local()
+    mesh = t.device_mesh
+    return t.to_local(grad_placements=tuple(
+        Partial() if pl.is_replicate() and mesh.size(d) > 1 else pl
+        for d, pl in enumerate(t.placements)))
 
 
 def _local_bytes(g: DTensor) -> int:
@@ -210,7 +225,8 @@ def _wrap(mod: nn.Module, mod_name: str, sharded: list[str], cast: list[str],
         params = {n: mod._parameters[n] for n in sharded}
         used = {n: gathers.take(p, name(n)) for n, p in params.items()}
         shadowed = {n: mod.__dict__[n] for n in cast if n in mod.__dict__}  # local views
-        mod.__dict__.update(used)
+        mod.__dict__.update({n: local_view(g) for n, g in used.items()} if gathers.local
+                            else used)
         for n in cast:
             mod.__dict__[n] = _cast(shadowed.get(n, mod._parameters[n]), dtype)
         try:

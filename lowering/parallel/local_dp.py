@@ -1,13 +1,14 @@
 """Data parallelism on local tensors: a dp-only model's forward without DTensor dispatch.
 
-On a mesh that splits nothing but the batch (``dp`` > 1, every other axis 1, no FSDP),
-every parameter is replicated and every activation is a block of rows. Running each op
+On a mesh that splits nothing but the batch (``dp`` > 1, every other axis 1), every
+parameter is replicated (or, under FSDP, gathered whole at use) and every activation is
+a block of rows. Running each op
 as a DTensor then only adds dispatch (sharding propagation, wrapping) to what the local
 op does. So the first forward of each kind of call (argument structure and placements,
 grad mode, ``model.training``) runs as DTensors under a probe, which decides whether the
 forward is *batch-local*:
 
-* no collective in the forward (an op that needs other rows, e.g. BatchNorm's
+* no collective in the forward but FSDP's gathers (an op that needs other rows, e.g. BatchNorm's
   statistics or ``x - x.mean(0)``, makes DTensor gather or reduce over dp);
 * no random op (DTensor draws dropout masks as one device would; a local draw would not);
 * no ``sl.aux_loss`` / ``sl.metric`` (a mean over the local rows is not the global one);
@@ -32,20 +33,23 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Placement, Shard
+from torch.distributed.tensor import DTensor, Placement, Shard
 
 import shardlang as sl
 from lowering._torch import (TorchDispatchMode, draws_random, is_functional_collective,
-                             is_higher_order, tree_flatten, tree_unflatten)
+                             is_higher_order, op_name, tree_flatten, tree_unflatten)
+from lowering.parallel.fsdp import local_view
 from lowering.plan import Plan
+from lowering.schedule import COLLECTIVES
 
 __all__ = ["install_local_dp", "eligible"]
 
 
 def eligible(plan: Plan) -> bool:
-    """The layout splits only the batch over dp, and keeps every parameter whole."""
+    """The layout splits only the batch over dp (FSDP's parameter shards are gathered
+    whole at use)."""
     mesh = plan.mesh
-    return mesh.dp > 1 and mesh.size == mesh.dp and not plan.options.fsdp
+    return mesh.dp > 1 and mesh.size == mesh.dp
 
 
 class _Probe(TorchDispatchMode):
@@ -62,7 +66,7 @@ class _Probe(TorchDispatchMode):
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # let DTensor desugar first: its collectives come back here
         if is_functional_collective(func):
-            self.collectives += 1
+            self.collectives += op_name(func) in COLLECTIVES
         elif draws_random(func, args, kwargs):
             self.random += 1
         return func(*args, **kwargs)
@@ -130,44 +134,45 @@ class _LocalDP:
     def _probe(self, inner: Callable[..., object], args: tuple, kwargs: dict,
                flat: list) -> tuple[object, list | None]:
         probe = _Probe()
+        gathers = getattr(self.model, "_shardlang_gathers", None)
+        before = gathers.issued if gathers is not None else 0
         with sl.collecting() as reported, probe:
             out = inner(*args, **kwargs)
+        fsdp = (gathers.issued - before) if gathers is not None else 0  # one all-gather each
         for a in reported.aux:  # hand them on to whoever collects
             sl.aux_loss(a)
         for name, v in reported.metrics.items():
             sl.metric(name, v)
-        ok = (not probe.collectives and not probe.random and not reported.aux
+        ok = (probe.collectives == fsdp and not probe.random and not reported.aux
               and not reported.metrics
               and all(k[3] for k in (_leaf_key(a, self.dims) for a in flat) if k[0] == "D"))
         return out, (_out_placements(out, self.dims) if ok else None)
 
 
-def _partial_grads(p: DTensor) -> tuple[Placement, ...]:
-    """A parameter's local gradient is a partial sum over each mesh dim it is replicated on."""
-    mesh = p.device_mesh
-    return tuple(Partial() if pl.is_replicate() and mesh.size(d) > 1 else pl
-                 for d, pl in enumerate(p.placements))
-
-
 class _local_state:
-    """While active, every module of ``model`` reads its DTensor parameters and buffers as
-    their local tensors (shadowing them in the module's ``__dict__``)."""
+    """While active, every module of ``model`` reads its replicated DTensor parameters and
+    buffers as local tensors (shadowing them in the module's ``__dict__``), and FSDP's
+    gathered parameters as local views of what it gathers."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.gathers = getattr(model, "_shardlang_gathers", None)
         self.set: list[tuple[nn.Module, str]] = []
 
     def __enter__(self) -> None:
-        grad = torch.is_grad_enabled()
         for mod in self.model.modules():
             for table in (mod._parameters, mod._buffers):
                 for n, t in table.items():
-                    if isinstance(t, DTensor) and n not in mod.__dict__:
-                        mod.__dict__[n] = (t.to_local(grad_placements=_partial_grads(t))
-                                           if grad and t.requires_grad else t.to_local())
+                    if (isinstance(t, DTensor) and n not in mod.__dict__
+                            and all(pl.is_replicate() for pl in t.placements)):
+                        mod.__dict__[n] = local_view(t)
                         self.set.append((mod, n))
+        if self.gathers is not None:
+            self.gathers.local = True
 
     def __exit__(self, *exc: object) -> None:
+        if self.gathers is not None:
+            self.gathers.local = False
         for mod, n in self.set:
             mod.__dict__.pop(n, None)
         self.set.clear()

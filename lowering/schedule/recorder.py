@@ -24,7 +24,7 @@ from lowering.schedule.fusion import Fusion
 from lowering.schedule.op_cost import op_cost
 from lowering.schedule.records import Cost, Op, Phase, Record
 
-__all__ = ["Recorder", "CollectiveCheck", "site", "logical", "running_module"]
+__all__ = ["COLLECTIVES", "Recorder", "CollectiveCheck", "site", "logical", "running_module"]
 
 
 def running_module(parents: Iterable[str]) -> str:
@@ -71,16 +71,20 @@ def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
+#: the functional collectives (op names) that move data: each is one record
+COLLECTIVES = frozenset({
+    "all_reduce", "all_reduce_", "all_gather_into_tensor", "reduce_scatter_tensor",
+    "all_to_all_single", "broadcast", "broadcast_",
+})
+
+
 class Recorder(TorchDispatchMode):
     """Records functional collectives with phase, module site, mesh axis and payload.
 
     ``group_axes`` maps a process-group name to its mesh axis (and the group size).
     """
 
-    _RECORDED = {
-        "all_reduce", "all_reduce_", "all_gather_into_tensor", "reduce_scatter_tensor",
-        "all_to_all_single", "broadcast", "broadcast_",
-    }
+    _RECORDED = COLLECTIVES
 
     def __init__(self, group_axes: Mapping[str, tuple[str, int]]) -> None:
         super().__init__()
