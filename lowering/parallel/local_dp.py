@@ -76,11 +76,15 @@ def _dp_dims(dmesh: DeviceMesh) -> list[int]:
     return [d for d in range(dmesh.ndim) if dmesh.size(d) > 1]
 
 
+def _even(t: DTensor, dims: list[int]) -> bool:
+    """Every dim ``t`` is sharded on over ``dims`` splits into equal blocks."""
+    return all(not isinstance(t.placements[d], Shard)
+               or t.shape[t.placements[d].dim] % t.device_mesh.size(d) == 0 for d in dims)
+
+
 def _leaf_key(x: object, dims: list[int]) -> object:
     if isinstance(x, DTensor):
-        even = all(not isinstance(x.placements[d], Shard)
-                   or x.shape[x.placements[d].dim] % x.device_mesh.size(d) == 0 for d in dims)
-        return ("D", tuple(x.placements), x.dim(), even)
+        return ("D", tuple(x.placements), x.dim(), _even(x, dims))
     return ("T", x.dim()) if isinstance(x, torch.Tensor) else type(x)
 
 
@@ -93,7 +97,7 @@ def _out_placements(out: object, dims: list[int]) -> list[tuple[Placement, ...] 
             continue
         if not isinstance(o, DTensor) or not all(isinstance(o.placements[d], Shard) for d in dims):
             return None
-        if any(o.shape[o.placements[d].dim] % o.device_mesh.size(d) for d in dims):
+        if not _even(o, dims):
             return None
         got.append(tuple(o.placements))
     return got
@@ -105,21 +109,23 @@ class _LocalDP:
     def __init__(self, model: nn.Module, dmesh: DeviceMesh) -> None:
         self.model, self.dmesh = model, dmesh
         self.dims = _dp_dims(dmesh)
+        self.gathers = getattr(model, "_shardlang_gathers", None)
         self.verdicts: dict[object, list[tuple[Placement, ...] | None] | None] = {}
 
     def __call__(self, inner: Callable[..., object], args: tuple, kwargs: dict) -> object:
         flat, spec = tree_flatten((args, kwargs))
-        key = (spec, tuple(_leaf_key(a, self.dims) for a in flat), torch.is_grad_enabled(),
-               self.model.training)
+        leaves = tuple(_leaf_key(a, self.dims) for a in flat)
+        key = (spec, leaves, torch.is_grad_enabled(), self.model.training)
         if key not in self.verdicts:
-            out, self.verdicts[key] = self._probe(inner, args, kwargs, flat)
+            even = all(k[3] for k in leaves if isinstance(k, tuple) and k[0] == "D")
+            out, self.verdicts[key] = self._probe(inner, args, kwargs, even)
             return out
         verdict = self.verdicts[key]
         if verdict is None:
             return inner(*args, **kwargs)
         local = [a.to_local() if isinstance(a, DTensor) else a for a in flat]
         l_args, l_kwargs = tree_unflatten(local, spec)
-        with _local_state(self.model), sl.activate(None):
+        with _local_state(self.model, self.gathers), sl.activate(None):
             out = inner(*l_args, **l_kwargs)
         o_flat, o_spec = tree_flatten(out)
         if len(o_flat) != len(verdict):
@@ -132,9 +138,9 @@ class _LocalDP:
         return tree_unflatten(wrapped, o_spec)
 
     def _probe(self, inner: Callable[..., object], args: tuple, kwargs: dict,
-               flat: list) -> tuple[object, list | None]:
+               even: bool) -> tuple[object, list | None]:
         probe = _Probe()
-        gathers = getattr(self.model, "_shardlang_gathers", None)
+        gathers = self.gathers
         before = gathers.issued if gathers is not None else 0
         with sl.collecting() as reported, probe:
             out = inner(*args, **kwargs)
@@ -144,8 +150,7 @@ class _LocalDP:
         for name, v in reported.metrics.items():
             sl.metric(name, v)
         ok = (probe.collectives == fsdp and not probe.random and not reported.aux
-              and not reported.metrics
-              and all(k[3] for k in (_leaf_key(a, self.dims) for a in flat) if k[0] == "D"))
+              and not reported.metrics and even)
         return out, (_out_placements(out, self.dims) if ok else None)
 
 
@@ -154,9 +159,8 @@ class _local_state:
     buffers as local tensors (shadowing them in the module's ``__dict__``), and FSDP's
     gathered parameters as local views of what it gathers."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.gathers = getattr(model, "_shardlang_gathers", None)
+    def __init__(self, model: nn.Module, gathers: Any) -> None:
+        self.model, self.gathers = model, gathers
         self.set: list[tuple[nn.Module, str]] = []
 
     def __enter__(self) -> None:
