@@ -9,7 +9,9 @@ from dataclasses import replace
 
 import pytest
 
-from lowering.run import explain, simulate
+import shardlang as sl
+from lowering.run import Layout, explain, simulate
+from lowering.run.registry import resolve
 from lowering.schedule import Op, Phase, totals
 from models import PRESETS
 from tests.conftest import layout
@@ -62,9 +64,19 @@ def test_fsdp_volume_is_three_times_n_minus_one_over_n_psi(dp: int, batch: int) 
     got = sum(r.wire_bytes for r in recs if r.axis == "dp")
     assert got == pytest.approx(3 * (dp - 1) / dp * psi, rel=0, abs=1e-6)
     ops = collections.Counter((r.phase, r.op) for r in recs if r.axis == "dp")
-    uses = len(list(model.named_parameters()))
-    assert ops == {(Phase.FORWARD, Op.ALL_GATHER): uses, (Phase.BACKWARD, Op.ALL_GATHER): uses,
-                   (Phase.BACKWARD, Op.REDUCE_SCATTER): uses}
+    # a layer of the stack (blocks.i) is one collective for all its parameters that split
+    # evenly over dp (FSDP2's unit); the rest, and everything outside the stack, one each
+    layers: dict[str, list[bool]] = collections.defaultdict(list)
+    alone = 0
+    for name, p in model.named_parameters():
+        if name.startswith("blocks."):
+            layers[name.split(".")[1]].append(p.shape[0] % dp == 0)
+        else:
+            alone += 1
+    count = alone + sum(any(even) + even.count(False) for even in layers.values())
+    assert count == (8 if dp == 4 else alone + 4 * len(layers["0"]))  # 4 layers, 4 outside
+    assert ops == {(Phase.FORWARD, Op.ALL_GATHER): count, (Phase.BACKWARD, Op.ALL_GATHER): count,
+                   (Phase.BACKWARD, Op.REDUCE_SCATTER): count}
     unpadded = sum(p.numel() * 4 for _, p in model.named_parameters())
     dp_terms = ex.analytic["dp"]
     assert dp_terms.wire_bytes == pytest.approx(got)
@@ -81,8 +93,30 @@ def test_dry_and_simulate_record_the_same_schedule(mesh: dict[str, int], fsdp: b
     assert len(dry) > 20
 
 
+def test_fsdp_gathers_each_layer_of_the_stack_in_one_collective() -> None:
+    """FSDP2's unit: one all-gather forward, one before the backward and one reduce-scatter
+    per layer, its bytes all the layer's parameters (bf16: gathered at half the bytes,
+    reduced in fp32); dry and simulate record it alike, and simulate matches one device."""
+    model = PRESETS["gpt-tiny"].factory()
+    layer = sum(p.numel() for p in model.blocks[0].parameters())
+    for precision, size in (("fp32", 4), ("bf16", 2)):
+        lay = Layout(resolve("gpt-tiny"), sl.Mesh(dp=2), fsdp=True, precision=precision)
+        dry = explain(lay).schedules.ranks[0]
+        sim, _ = simulate(lay, steps=1)
+        assert [(r.signature(), r.site) for r in dry] == [(r.signature(), r.site)
+                                                          for r in sim.records]
+        for i in range(4):
+            got = sorted((r.phase.value, r.op.value, r.bytes) for r in dry
+                         if r.axis == "dp" and r.site == f"blocks.{i}")
+            assert got == [("backward", "all_gather", layer * size),
+                           ("backward", "reduce_scatter", layer * 4),
+                           ("forward", "all_gather", layer * size)], (precision, i, got)
+
+
 def test_recorded_totals_equal_the_analytic_volume() -> None:
-    for lay in (layout(dp=2, tp=2), layout(fsdp=True, dp=2, tp=2), layout(tp=4)):
+    for lay in (layout(dp=2, tp=2), layout(fsdp=True, dp=2, tp=2), layout(tp=4),
+                Layout(resolve("gpt-tiny"), sl.Mesh(dp=2, tp=2), fsdp=True, precision="bf16"),
+                Layout(resolve("gpt-tiny"), sl.Mesh(sp=2, tp=2), precision="bf16")):
         ex = explain(lay)
         rec = totals(ex.schedules.ranks[0])["axis"]
         for axis, vol in ex.analytic.items():

@@ -68,7 +68,10 @@ def test_02_data_and_tensor_parallel() -> None:
         assert (f"blocks.{i}: 2 forward + 2 backward all-reduces over tp, payload {{65536}} B "
                 "= b*s*h*4") in out
     # (c) FSDP
-    assert "1 all-gather forward, 1 all-gather backward, 1 reduce-scatter: yes" in out
+    assert ("per unit (4 layers of the stack, 4 parameters outside it): 1 all-gather "
+            "forward, 1 all-gather backward, 1 reduce-scatter: yes") in out
+    assert re.search(r"blocks\.0's gather carries [\d,]+ B = its \d+ parameters' [\d,]+ B: "
+                     r"equal", out)
     # psi: 216,192 parameters * 4 B (the tied head once)
     assert "3(n-1)/n * psi = 3*1/2 * 864,768 = 1,297,152 B; recorded 1,297,152 B" in out
     # recorded vs analytic wire bytes: dp (a), tp (b), dp (c), dp and tp (d)

@@ -11,7 +11,8 @@ on meta tensors, and check the recorded bytes against the textbook formulas:
   (b) TP,   tp=2:        Megatron: column-parallel then row-parallel linears, so each
                          transformer block all-reduces twice forward and twice backward.
   (c) FSDP, dp=2:        parameters sharded over dp; all-gather forward, all-gather
-                         backward, reduce-scatter the gradient: 3(n-1)/n of the bytes.
+                         backward, reduce-scatter the gradient: 3(n-1)/n of the bytes,
+                         one collective per layer of the stack (FSDP2's unit).
   (d) DP x TP, dp=2,tp=2: both at once; 3 training steps in simulate mode (all 4 ranks
                          in this process), every rank's loss and gradients compared
                          with the single-device model.
@@ -132,18 +133,28 @@ def main() -> None:
     for p in ex.plan.params[:3]:
         print(f"  {p.name:20} {str(p.shape):10} placements {p.placements}, "
               f"fsdp dim {p.fsdp_dim}")
-    # each parameter is gathered once per forward, by the first module that uses it, and
-    # once more before the backward of the first module whose backward runs (the tied
-    # lm_head.weight is wte.weight: gathered by wte, re-gathered by lm_head)
-    first: dict[int, str] = {}
+    # FSDP2's unit: each layer of the stack (blocks.i) is gathered in one collective, its
+    # parameters laid end to end; a parameter outside the stack alone, once per forward
+    # by the first module that uses it (the tied lm_head.weight is wte.weight: gathered
+    # by wte, re-gathered by lm_head). Each unit: gathered forward, re-gathered before its
+    # backward, its gradients reduce-scattered.
+    outside: dict[int, str] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         for p in mod.parameters(recurse=False):
-            first.setdefault(id(p), name)
-    ok = all(count(recs, op=op, axis="dp", phase=phase) == len(first)
+            if not name.startswith("blocks."):
+                outside.setdefault(id(p), name)
+    units = len(model.blocks) + len(outside)
+    ok = all(count(recs, op=op, axis="dp", phase=phase) == units
              for op, phase in (("all_gather", "forward"), ("all_gather", "backward"),
                                ("reduce_scatter", "backward")))
-    print(f"per parameter, all {len(first)} of them: 1 all-gather forward, "
-          f"1 all-gather backward, 1 reduce-scatter: {'yes' if ok else 'NO'}")
+    print(f"per unit ({len(model.blocks)} layers of the stack, {len(outside)} parameters "
+          f"outside it): 1 all-gather forward, 1 all-gather backward, 1 reduce-scatter: "
+          f"{'yes' if ok else 'NO'}")
+    layer = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
+    gather = next(r for r in recs if r.axis == "dp" and r.site == "blocks.0")
+    print(f"  blocks.0's gather carries {gather.bytes:,} B = its "
+          f"{len(list(model.blocks[0].parameters()))} parameters' {layer:,} B: "
+          f"{'equal' if gather.bytes == layer else 'NOT EQUAL'}")
     unique = list(model.named_parameters())
     psi = sum(p.numel() * p.element_size() for _, p in unique)
     print(f"  {len(unique)} parameters (lm_head.weight is wte.weight: counted once), "

@@ -25,7 +25,7 @@ from lowering._torch import all_reduce_async, at_backward_end, dtensor_like, loc
 from lowering.plan import GradBucket, Plan
 from lowering.schedule import Phase, Recorder
 
-__all__ = ["sync_grads", "reduce_grad", "install_grad_sync", "GradSync"]
+__all__ = ["sync_grads", "reduce_grad", "sliced_first", "install_grad_sync", "GradSync"]
 
 
 def reduce_grad(g: DTensor, dmesh: DeviceMesh, target: Sequence[Placement]) -> DTensor:
@@ -34,10 +34,7 @@ def reduce_grad(g: DTensor, dmesh: DeviceMesh, target: Sequence[Placement]) -> D
     yields a tp-replicated gradient), take this rank's block first (no communication),
     so the all-reduce or reduce-scatter over dp moves only that block."""
     target = tuple(target)
-    sliced = [t if isinstance(t, Shard) and p.is_replicate() else p
-              for p, t in zip(g.placements, target)]
-    if tuple(sliced) != tuple(g.placements):
-        g = g.redistribute(dmesh, sliced)
+    g = sliced_first(g, dmesh, target)
     # then one mesh dim at a time, deterministic and one collective each: reduce-scatter
     # where the parameter is sharded (smaller blocks first), all-reduce where replicated
     for want_shard in (True, False):
@@ -47,6 +44,17 @@ def reduce_grad(g: DTensor, dmesh: DeviceMesh, target: Sequence[Placement]) -> D
                 step[d] = want
                 g = g.redistribute(dmesh, step)
     return g if tuple(g.placements) == target else g.redistribute(dmesh, target)
+
+
+def _sliced(have: Sequence[Placement], target: Sequence[Placement]) -> list[Placement]:
+    return [t if isinstance(t, Shard) and p.is_replicate() else p for p, t in zip(have, target)]
+
+
+def sliced_first(g: DTensor, dmesh: DeviceMesh, target: Sequence[Placement]) -> DTensor:
+    """``g`` with this rank's block taken on every mesh dim where it is replicated but
+    the parameter sharded (no communication)."""
+    sliced = _sliced(g.placements, target)
+    return g if tuple(sliced) == tuple(g.placements) else g.redistribute(dmesh, sliced)
 
 
 class GradSync:
@@ -67,8 +75,7 @@ class GradSync:
 def _bucketable(g: DTensor, target: Sequence[Placement], dims: Sequence[int]) -> DTensor | None:
     """``g`` with this rank's block sliced where it is replicated but the parameter
     sharded (no communication), if what is left to do is a sum over exactly ``dims``."""
-    sliced = [t if isinstance(t, Shard) and p.is_replicate() else p
-              for p, t in zip(g.placements, target)]
+    sliced = _sliced(g.placements, target)
     partial = [d for d, p in enumerate(sliced) if p.is_partial()]
     if (partial != list(dims) or any(getattr(sliced[d], "reduce_op", "") != "sum" for d in dims)
             or any(not target[d].is_replicate() for d in dims)

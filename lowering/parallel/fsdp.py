@@ -27,8 +27,9 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 
 from lowering._torch import (free_storage, local_block, refill_storage, storage_blocks,
                              tree_leaves)
-from lowering.parallel.data import reduce_grad
-from lowering.plan import Plan
+from lowering.parallel.data import reduce_grad, sliced_first
+from lowering.parallel.flat import dp_dim, gather_flat, reduce_scatter_flat
+from lowering.plan import Plan, fsdp_units
 from lowering.schedule import Op, logical, site
 
 __all__ = ["install_at_use", "compute_dtype", "gathered_storages", "gathered_peak", "local_view"]
@@ -80,12 +81,53 @@ class _Gather(torch.autograd.Function):
             return reduce_grad(g, g.device_mesh, ctx.pl), None, None
 
 
+class _UnitGather(torch.autograd.Function):
+    """FSDP's gather of one unit (a layer of the stack, :mod:`lowering.plan.units`): one
+    all-gather for all its parameters; backward: one reduce-scatter for the gradients
+    that are dp-partial sums (a member with no gradient, unused by the forward, gets
+    none, as it would alone)."""
+
+    @staticmethod
+    def forward(ctx, name: str, dtype: torch.dtype | None, dims: tuple[int, ...],  # noqa: ANN001
+                *params: DTensor) -> tuple[DTensor, ...]:
+        ctx.name, ctx.dims = name, dims
+        ctx.pls = [tuple(p.placements) for p in params]
+        ctx.dtypes = [p.dtype for p in params]
+        ctx.set_materialize_grads(False)
+        return tuple(gather_flat(params, dims, name, dtype))
+
+    @staticmethod
+    def backward(ctx, *grads: DTensor | None):  # noqa: ANN001, ANN205
+        out: list[DTensor | None] = [None] * len(grads)
+        flat: list[tuple[int, DTensor]] = []
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            mesh = g.device_mesh
+            g = sliced_first(g.to(ctx.dtypes[i]), mesh, ctx.pls[i])
+            if g.placements[dp_dim(mesh)] == Partial():
+                flat.append((i, g))
+            else:  # replicated over dp (now this rank's block): nothing to sum over dp
+                with site(ctx.name):
+                    out[i] = reduce_grad(g, mesh, ctx.pls[i])
+        if flat:
+            shards = reduce_scatter_flat([g for _, g in flat], [ctx.dims[i] for i, _ in flat],
+                                         ctx.name)
+            for (i, g), shard in zip(flat, shards):
+                with site(ctx.name):
+                    out[i] = reduce_grad(shard, g.device_mesh, ctx.pls[i])
+        return (None, None, None, *out)
+
+
 class _Gathers:
     """One model's gathered parameters: those of the running forward (with how many owner
     modules have yet to use them) and those freed, waiting for their backward."""
 
-    def __init__(self, owners: dict[int, int], dtype: torch.dtype | None) -> None:
+    def __init__(self, owners: dict[int, int], dtype: torch.dtype | None,
+                 units: dict[int, tuple[str, list[tuple[DTensor, int]]]] | None = None) -> None:
         self.owners, self.dtype = owners, dtype
+        self.units = units or {}  # id(param) -> (its unit, the unit's (param, dim) pairs)
+        self.together: dict[int, tuple[str, list[tuple[DTensor, int]], tuple[DTensor, ...]]] = {}
         self.live: dict[int, tuple[DTensor, int]] = {}   # id(param) -> (gathered, uses left)
         self.freed: dict[int, DTensor] = {}              # id(gathered) -> it, freed
         self.held = self.peak = 0                        # bytes gathered at once (a rank's)
@@ -93,13 +135,25 @@ class _Gathers:
         self.local = False  # a batch-local forward (local_dp): modules read local views
 
     def take(self, p: DTensor, name: str) -> DTensor:
-        if id(p) not in self.live:
-            g = _Gather.apply(p, name, self.dtype)
-            self.issued += 1
-            self.live[id(p)] = (g, self.owners[id(p)])
-            self.held += _local_bytes(g)
-            self.peak = max(self.peak, self.held)
+        if id(p) in self.live:
+            return self.live[id(p)][0]
+        unit, members = self.units.get(id(p), (None, []))
+        if unit is None or any(id(q) in self.live for q, _ in members):
+            self._hold(p, _Gather.apply(p, name, self.dtype))
+        else:  # the whole unit in one collective
+            outs = _UnitGather.apply(unit, self.dtype, tuple(d for _, d in members),
+                                     *(q for q, _ in members))
+            for (q, _), g in zip(members, outs):
+                self._hold(q, g)
+                if torch.is_grad_enabled():
+                    self.together[id(g)] = (unit, members, outs)
+        self.issued += 1
         return self.live[id(p)][0]
+
+    def _hold(self, p: DTensor, g: DTensor) -> None:
+        self.live[id(p)] = (g, self.owners[id(p)])
+        self.held += _local_bytes(g)
+        self.peak = max(self.peak, self.held)
 
     def release(self, p: DTensor, *, keep_for_backward: bool) -> None:
         g, left = self.live[id(p)]
@@ -124,8 +178,18 @@ class _Gathers:
 
     def regather(self, p: DTensor, g: DTensor, name: str) -> None:
         """Before the backward of the forward that used ``g``: gather ``p`` into it again
-        (once, whichever of its owners' backward comes first)."""
-        if self.freed.pop(id(g), None) is not None:
+        (once, whichever of its owners' backward comes first; a unit whole, in one
+        collective, when all of it was freed)."""
+        unit, members, outs = self.together.pop(id(g), (None, [], ()))
+        if unit is not None and all(id(x) in self.freed for x in outs):
+            for x in outs:
+                self.together.pop(id(x), None)
+                del self.freed[id(x)]
+            values = gather_flat([q for q, _ in members], [d for _, d in members], unit,
+                                 self.dtype)
+            for x, v in zip(outs, values):
+                refill_storage(x, v)
+        elif self.freed.pop(id(g), None) is not None:
             refill_storage(g, _all_gather(p, name, self.dtype))
 
 
@@ -183,7 +247,7 @@ def install_at_use(model: nn.Module, plan: Plan | None, dmesh: DeviceMesh | None
                 cast.append(n)
         if sharded or cast:
             owned[mod_name] = (mod, sharded, cast)
-    gathers = _Gathers(owners, dtype)
+    gathers = _Gathers(owners, dtype, _units(model, plan) if fsdp else None)
     for mod_name, (mod, sharded, cast) in owned.items():
         _wrap(mod, mod_name, sharded, cast, gathers, dtype)
     if owners:
@@ -199,6 +263,17 @@ def install_at_use(model: nn.Module, plan: Plan | None, dmesh: DeviceMesh | None
                 gathers.release_all(keep_for_backward=grad)
 
         model.forward = forward  # type: ignore[method-assign]
+
+
+def _units(model: nn.Module, plan: Plan) -> dict[int, tuple[str, list[tuple[DTensor, int]]]]:
+    """id(parameter) -> its FSDP unit and the unit's (parameter, sharded dim) pairs."""
+    table, aliases = fsdp_units(plan, model), dict(plan.aliases)
+    members: dict[str, list[tuple[DTensor, int]]] = {}
+    for name, p in model.named_parameters():
+        unit = table.get(aliases.get(name, name))
+        if unit is not None:
+            members.setdefault(unit, []).append((p, plan.param(aliases.get(name, name)).fsdp_dim))
+    return {id(p): (u, ms) for u, ms in members.items() for p, _ in ms}
 
 
 def _is_fsdp(plan: Plan, name: str) -> bool:

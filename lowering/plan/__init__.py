@@ -19,6 +19,7 @@ from lowering.plan.roles import Role, tp_role
 from lowering.plan.shapes import ShapeTrace, check_activations, sdpa_as_attention
 from lowering.plan.recompute import (REPEATED_AXES, StackCost, recomputed_bytes, recomputes,
                                       recomputed_compute, recomputed_records)
+from lowering.plan.units import fsdp_units
 from lowering.plan.time import Predicted, collective_seconds, compute_seconds, link_of, predict
 
 __all__ = [
@@ -33,5 +34,5 @@ __all__ = [
     "Memory", "CATEGORIES", "ADAM_STEP_BYTES", "state_bytes", "in_flight_peak", "human",
     "Device", "DEVICES", "device", "Predicted", "predict", "collective_seconds",
     "compute_seconds", "link_of", "StackCost", "recomputed_compute", "recomputed_records",
-    "recomputed_bytes", "recomputes", "REPEATED_AXES",
+    "recomputed_bytes", "recomputes", "REPEATED_AXES", "fsdp_units",
 ]

@@ -38,11 +38,18 @@ from torch import nn
 from lowering.plan.buckets import grad_buckets, head_local_params, local_numel
 from lowering.plan.lower import ParamPlan, PipelinePlan, Plan
 from lowering.plan.roles import Role
+from lowering.plan.units import fsdp_units
 from lowering.schedule.records import Op, Record, wire_bytes
 
 __all__ = ["Term", "AxisVolume", "analytic_volume", "unexplained"]
 
 _F32 = 4
+
+
+def _act(plan: Plan) -> int:
+    """Bytes per activation element on the wire: bf16 compute moves 2, fp32 4."""
+    precision = plan.options.precision
+    return 2 if str(getattr(precision, "value", precision)) == "bf16" else _F32
 
 
 @dataclass(frozen=True)
@@ -115,19 +122,32 @@ def _grad_sync(plan: Plan, model: nn.Module, axis: str, why: str) -> list[Term]:
 
 
 def _fsdp(plan: Plan, model: nn.Module) -> list[Term]:
+    """Per parameter gathered alone, and per unit (a layer of the stack, :mod:`.units`):
+    two all-gathers (forward, before backward) and one reduce-scatter."""
     n, uses, terms = plan.mesh.dp, _uses(model), []
+    units = fsdp_units(plan, model)
+    grouped: dict[str, list[tuple[int, int]]] = {}
     for p in plan.params:
         if p.fsdp_dim is None:
             continue
         nbytes = _local_numel(p, plan, gathered=True) * p.dtype.itemsize
-        k = 1  # a tied parameter is gathered once for all the modules that use it
+        # gathered in the compute dtype (bf16: half), reduce-scattered in the parameter's
+        moved = nbytes // p.dtype.itemsize * _act(plan) if p.dtype.is_floating_point else nbytes
+        if p.name in units:
+            grouped.setdefault(units[p.name], []).append((moved, nbytes))
+            continue
         tied = f" (tied: gathered once for its {uses[p.name]} modules)" \
             if uses.get(p.name, 1) > 1 else ""
         pad = nbytes - p.nbytes // math.prod(
             plan.mesh.axis_size(a) for a in p.spec.mesh_axes if a != "dp")
         padded = f" (+{pad} B padding)" if pad else ""
-        terms.append(Term(f"gather {p.name}{tied}{padded}", Op.ALL_GATHER, 2 * k, nbytes, n))
-        terms.append(Term(f"reduce-scatter {p.name}{tied}", Op.REDUCE_SCATTER, k, nbytes, n))
+        terms.append(Term(f"gather {p.name}{tied}{padded}", Op.ALL_GATHER, 2, moved, n))
+        terms.append(Term(f"reduce-scatter {p.name}{tied}", Op.REDUCE_SCATTER, 1, nbytes, n))
+    for unit, sizes in grouped.items():
+        what = f"{unit} (one unit: {len(sizes)} parameters)"
+        terms.append(Term(f"gather {what}", Op.ALL_GATHER, 2, sum(m for m, _ in sizes), n))
+        terms.append(Term(f"reduce-scatter {what}", Op.REDUCE_SCATTER, 1,
+                          sum(b for _, b in sizes), n))
     return terms
 
 
@@ -152,7 +172,7 @@ def _tp(plan: Plan, model: nn.Module, b: int, s: int, *, bucketed: bool) -> list
         if w is None or pp is None or "tp" not in pp.spec.mesh_axes:
             continue
         if isinstance(mod, nn.Linear) and pp.spec.dim_of("tp") == 1:
-            payload = b * s * mod.out_features * _F32
+            payload = b * s * mod.out_features * _act(plan)
             if sp:
                 terms += _pair(f"{name} (row-parallel) output", payload, n, True, False)
                 terms += _pair(f"{name} block input", payload, n, True, True)
@@ -161,13 +181,13 @@ def _tp(plan: Plan, model: nn.Module, b: int, s: int, *, bucketed: bool) -> list
                 terms.append(Term(f"{name} block input bwd", Op.ALL_REDUCE, 1, payload, n))
         elif isinstance(mod, nn.Embedding) and pp.role is Role.VOCAB:
             terms.append(Term(f"{name} (vocab-parallel embedding) fwd", Op.ALL_REDUCE, 1,
-                              b * s * mod.embedding_dim * _F32, n))
+                              b * s * mod.embedding_dim * _act(plan), n))
         elif (isinstance(mod, nn.Linear) and pp.spec.dim_of("tp") == 0 and pp.axes
               and pp.axes[0] == "vocab"):
-            terms += _pair(f"{name} (vocab-parallel head) input", b * s * mod.in_features * _F32,
+            terms += _pair(f"{name} (vocab-parallel head) input", b * s * mod.in_features * _act(plan),
                            n, sp, True) if sp else [
                 Term(f"{name} (vocab-parallel head) input bwd", Op.ALL_REDUCE, 1,
-                     b * s * mod.in_features * _F32, n)]
+                     b * s * mod.in_features * _act(plan), n)]
             terms.append(Term("vocab-parallel loss: max, sum-exp, target logit", Op.ALL_REDUCE,
                               3, b * s * _F32, n))
     if not bucketed:
@@ -206,7 +226,7 @@ def _sp(plan: Plan, b_shards: int) -> list[Term]:
     n = plan.mesh.sp
     terms = []
     for i, (B, H, S, D) in enumerate(plan.trace.attention):
-        payload = 2 * (B // b_shards) * (H // plan.mesh.tp) * (S // n) * D * _F32
+        payload = 2 * (B // b_shards) * (H // plan.mesh.tp) * (S // n) * D * _act(plan)
         terms.append(Term(f"attention {i}: K/V ring fwd", Op.PERMUTE, n - 1, payload, n))
         terms.append(Term(f"attention {i}: K/V ring bwd", Op.PERMUTE, n - 1, payload, n))
     return terms
