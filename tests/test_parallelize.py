@@ -318,13 +318,16 @@ def test_each_pipeline_rank_records_its_own_stage() -> None:
         par.schedule(4)
 
 
-def test_a_checkpoint_reshards_onto_a_pipeline(tmp_path: Path) -> None:
+@pytest.mark.parametrize("saved,loaded", [(("dp=4", {"fsdp": True}), "pp=2,dp=2"),
+                                          (("pp=2,dp=2", {}), "dp=4")])
+def test_a_checkpoint_reshards_onto_and_off_a_pipeline(tmp_path: Path, saved: tuple,
+                                                     loaded: str) -> None:
     ref, par = user_pipeline.train("", steps=5)
     par.close()
-    _, par = user_pipeline.train("dp=4", steps=3, fsdp=True, save=str(tmp_path / "c"),
-                                 save_at=3)
+    _, par = user_pipeline.train(saved[0], steps=3, save=str(tmp_path / "c"), save_at=3,
+                                 **saved[1])
     par.close()
-    got, par = user_pipeline.train("pp=2,dp=2", steps=5, load=str(tmp_path / "c"))
+    got, par = user_pipeline.train(loaded, steps=5, load=str(tmp_path / "c"))
     par.close()
     assert got == pytest.approx(ref[3:], rel=1e-5, abs=1e-5)
 
