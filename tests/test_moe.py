@@ -11,7 +11,8 @@ from torch import nn
 import shardlang as sl
 from lowering.run import Layout, explain, simulate
 from lowering.run.registry import resolve
-from lowering.schedule import Record
+from lowering.plan import tensor_axes
+from lowering.schedule import Record, totals
 from lowering.run.train import TrainConfig, TrainResult, reference
 from models.datasets import ArithmeticSequences
 from models.gpt import GPT, GPTConfig
@@ -153,6 +154,31 @@ def test_parity_with_one_device(mesh: str, fsdp: bool, ref_top2: TrainResult) ->
             torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5, msg=name)
     assert result.losses[0] == pytest.approx([ref_top2.losses[0][0]] * lay.mesh.size,
                                              rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("mesh", ["dp=2,ep=2", "dp=2,sp=2"])
+def test_fsdp_shards_the_experts_over_dp(mesh: str, cli) -> None:  # noqa: ANN001
+    """The experts (run inside an sl.shard_map region) are sharded over dp too: gathered
+    with their layer, their gradient leaves the region as a partial sum over dp and is
+    reduce-scattered with the layer's (no dp all-reduce of an expert gradient); the wire
+    equals the formulas and simulate's memory count equals the prediction."""
+    lay = Layout(resolve("gpt-moe-tiny"), sl.Mesh.parse(mesh), sl.Rules.default(), fsdp=True)
+    ex = explain(lay)
+    dp = tensor_axes(ex.plan.mesh).index("dp")
+    for layer in MOE_LAYERS:
+        for w in ("w_up", "w_down"):
+            p = ex.plan.param(f"blocks.{layer}.mlp.{w}")
+            assert p.fsdp_dim is not None and not p.placements[dp].is_replicate(), (w, p)
+    recs = ex.schedules.ranks[0]
+    reduced = [r for r in recs if r.axis == "dp" and r.op.value == "all_reduce"
+               and r.phase.value == "backward" and len(r.shape) == 3]  # an expert's (X, ., .)
+    assert reduced == [], [(r.site, r.shape) for r in reduced]
+    rec = totals(recs)["axis"]
+    for axis, vol in ex.analytic.items():
+        assert rec[axis]["wire_bytes"] == pytest.approx(vol.wire_bytes, abs=1e-6), axis
+    code, out, _ = cli("simulate", "gpt-moe-tiny", "--mesh", mesh, "--fsdp", "--memory",
+                       "--steps", "1")
+    assert code == 0 and "mismatch" not in out, out[-2000:]
 
 
 def test_switch_top1_parity_on_dp2_ep2() -> None:

@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 import shardlang as sl
 from lowering._torch import rank_index, sdpa
 from lowering.parallel.collectives import run_collective
+from lowering.parallel.fsdp import is_gathered, partial_over
 from lowering.parallel.sequence import load_balanced_order, ring_attention
 from lowering.parallel.shard_map import VaryingTracker, check_outputs, submesh
 from lowering.parallel.tensor import relayout
@@ -177,15 +178,29 @@ class DTensorContext:
             raise sl.ShardingError(f"shard_map({name}) inside another shard_map region")
         tracker = VaryingTracker(self._psum_cotangent)
         local_args: list[object] = []
+        # tokens split over dp come in: a gathered parameter's gradient is then a partial
+        # sum over dp (with none, nothing varies over dp and it stays replicated)
+        rows = any(spec is not None and "dp" in spec.mesh_axes for spec in in_specs)
         for a, spec in zip(args, in_specs):
             if spec is None:
                 local_args.append(a)
                 continue
             # contiguous first: to_local's backward claims the input's global strides for
             # the local gradient, which a transposed input's gradient would not have
-            local = self._to_layout(a, placements(spec, self.mesh)).contiguous().to_local()  # type: ignore[arg-type]
+            pl = placements(spec, self.mesh)  # type: ignore[arg-type]
+            vma = frozenset(spec.mesh_axes)
+            if rows and is_gathered(a) and tuple(a.placements) == tuple(pl):
+                # FSDP's gather: its gradient leaves as a partial sum over dp (each rank's
+                # tokens' share) for the gather's reduce-scatter, so the region treats it
+                # as varying over dp and never psums its cotangent (no relayout either:
+                # that would pin the gradient to replicated, an all-reduce)
+                t = a.contiguous()
+                local = t.to_local(grad_placements=partial_over(t, "dp"))
+                vma |= {"dp"}
+            else:
+                local = self._to_layout(a, pl).contiguous().to_local()
             local = _ContiguousGrad.apply(local)
-            local_args.append(tracker.mark(local, frozenset(spec.mesh_axes)))
+            local_args.append(tracker.mark(local, vma))
         self.tracker = tracker
         try:
             with tracker:

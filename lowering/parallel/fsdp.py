@@ -32,7 +32,8 @@ from lowering.parallel.flat import dp_dim, gather_flat, reduce_scatter_flat
 from lowering.plan import Plan, fsdp_units
 from lowering.schedule import Op, logical, site
 
-__all__ = ["install_at_use", "compute_dtype", "gathered_storages", "gathered_peak", "local_view"]
+__all__ = ["install_at_use", "compute_dtype", "gathered_storages", "gathered_peak", "local_view",
+           "is_gathered", "partial_over"]
 
 
 def compute_dtype(precision: str) -> torch.dtype | None:
@@ -116,6 +117,13 @@ class _UnitGather(torch.autograd.Function):
             for (i, g), shard in zip(flat, shards):
                 with site(ctx.name):
                     out[i] = reduce_grad(shard, g.device_mesh, ctx.pls[i])
+            # the gradients are views of one reduce-scatter buffer; where some were reduced
+            # on (over tp or ep) into new memory, copy the rest out so the buffer is freed
+            buffer = _storages(shards[0])
+            kept = [i for i, _ in flat if _storages(out[i]) & buffer]  # type: ignore[arg-type]
+            if len(kept) < len(flat):
+                for i in kept:
+                    out[i] = out[i].clone()  # type: ignore[union-attr]
         return (None, None, None, *out)
 
 
@@ -151,6 +159,7 @@ class _Gathers:
         return self.live[id(p)][0]
 
     def _hold(self, p: DTensor, g: DTensor) -> None:
+        g._shardlang_gathered = True  # type: ignore[attr-defined]  # (see is_gathered)
         self.live[id(p)] = (g, self.owners[id(p)])
         self.held += _local_bytes(g)
         self.peak = max(self.peak, self.held)
@@ -193,6 +202,20 @@ class _Gathers:
             refill_storage(g, _all_gather(p, name, self.dtype))
 
 
+def is_gathered(t: object) -> bool:
+    """``t`` is a parameter as FSDP gathered it (its gradient is reduce-scattered by the
+    gather's backward, so it may arrive as a partial sum over dp)."""
+    return getattr(t, "_shardlang_gathered", False)
+
+
+def partial_over(t: DTensor, axis: str) -> tuple[Placement, ...]:
+    """``t``'s placements with ``axis``'s mesh dim Partial (the gradient placements of a
+    local view whose gradient is this rank's share over ``axis``)."""
+    names = t.device_mesh.mesh_dim_names or ()
+    return tuple(Partial() if n == axis and pl.is_replicate() else pl
+                 for n, pl in zip(names, t.placements))
+
+
 def local_view(t: DTensor) -> torch.Tensor:
     """``t``'s local tensor for a batch-local forward (:mod:`.local_dp`): its gradient goes
     back to ``t`` as a partial sum over each mesh dim ``t`` is replicated on (this rank's
@@ -203,6 +226,10 @@ def local_view(t: DTensor) -> torch.Tensor:
     return t.to_local(grad_placements=tuple(
         Partial() if pl.is_replicate() and mesh.size(d) > 1 else pl
         for d, pl in enumerate(t.placements)))
+
+
+def _storages(t: DTensor) -> set[int]:
+    return {key for _, key, _ in storage_blocks(t)}
 
 
 def _local_bytes(g: DTensor) -> int:

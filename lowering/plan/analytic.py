@@ -111,12 +111,14 @@ def _uses(model: nn.Module) -> dict[str, int]:
     return count
 
 
-def _grad_sync(plan: Plan, model: nn.Module, axis: str, why: str) -> list[Term]:
+def _grad_sync(plan: Plan, model: nn.Module, axis: str, why: str, *,
+               gathered: bool = False) -> list[Term]:
     """One all-reduce per parameter (under FSDP in the gather's backward, once per
-    forward, tied parameters included)."""
+    forward, tied parameters included; ``gathered``: of the gathered gradient, as a
+    shard_map region reduces it before FSDP's reduce-scatter)."""
     n = plan.mesh.axis_size(axis)
     return [Term(f"grad {p.name} ({why})", Op.ALL_REDUCE, 1,
-                 _local_numel(p, plan, gathered=False) * p.dtype.itemsize, n)
+                 _local_numel(p, plan, gathered=gathered) * p.dtype.itemsize, n)
             for p in plan.params
             if axis not in p.spec.mesh_axes and not (axis == "dp" and p.fsdp_dim is not None)]
 
@@ -218,7 +220,7 @@ def _buckets(plan: Plan, model: nn.Module, axis: str) -> list[Term]:
 
 def _unbucketed(plan: Plan, model: nn.Module, axis: str, why: str) -> list[Term]:
     """Gradients reduced where a shard_map region runs (not bucketed)."""
-    return [t for t in _grad_sync(plan, model, axis, why)
+    return [t for t in _grad_sync(plan, model, axis, why, gathered=True)
             if t.what.split()[1].rpartition(".")[0] in plan.trace.shard_map_modules]
 
 

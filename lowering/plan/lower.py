@@ -177,12 +177,10 @@ def _param_plans(model: nn.Module, mesh: sl.Mesh, rules: sl.Rules, options: Opti
         spec = rules.spec(axes, where=name) if axes else sl.P(*([None] * p.dim()))
         sl.rules.check_divisible(p.shape, axes or (), spec, mesh, where=name)
         owner_name = name.rpartition(".")[0]
-        # a module that runs a shard_map (MoE experts) keeps its parameters unsharded over
-        # dp: the region's implicit pvary all-reduces their gradient over dp, where FSDP
-        # would need a Partial gradient out of the region to reduce-scatter
-        fdim = (fsdp_dim(spec, p.shape, mesh)
-                if options.fsdp and mesh.dp > 1 and owner_name not in trace.shard_map_modules
-                else None)
+        # (a module that runs a shard_map, MoE experts, is sharded too: the region takes
+        # the gathered parameter as varying over dp, so its gradient leaves as a partial
+        # sum for the gather's reduce-scatter)
+        fdim = fsdp_dim(spec, p.shape, mesh) if options.fsdp and mesh.dp > 1 else None
         plans.append(ParamPlan(
             name=name, shape=tuple(p.shape), dtype=p.dtype, axes=axes, spec=spec,
             placements=placements(spec, mesh, fsdp=fdim),
