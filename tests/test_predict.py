@@ -332,3 +332,16 @@ def test_a_trace_under_another_recompute_mode_equals_its_own_trace(mesh: str, kw
     assert reread.memory == traced.memory and reread.predict(h100) == traced.predict(h100)
     assert reread.memory[0].activations < again.memory[0].activations
     assert again.with_recompute("none").memory == again.memory
+
+
+def test_exposed_gradient_time_never_exceeds_the_collectives() -> None:
+    """Gradient syncs recorded in both phases (a pipeline's forward-phase reductions) share
+    the exposed tail by their count; each phase's share is not the whole tail again."""
+    from lowering.plan import device
+    from lowering.plan.time import _stage
+    from lowering.schedule import Phase
+
+    items = [("grad", Phase.BACKWARD, "dp", 1.0, 1), ("grad", Phase.FORWARD, "dp", 1.0, 1)]
+    st = _stage({}, items, [0], 1, device("h100-80gb"), "bf16", False)
+    assert st.axis["dp"] == 2.0
+    assert 0 < st.exposed["dp"] <= st.axis["dp"]

@@ -231,8 +231,8 @@ def _stage(compute: StageCompute, items: Sequence[Item], chunks: Sequence[int], 
                      late, b[chunks[0]] if pipelined else bwd_total)
     add("gather", Phase.FORWARD, g_exp)
     n_late = max(1, n_grads + gather_b.n)
-    for ph in (Phase.BACKWARD, Phase.FORWARD):
-        add("grad", ph, gb_exp * n_grads / n_late)
+    for ph, g in ((Phase.BACKWARD, grads_b), (Phase.FORWARD, grads_f)):  # each its share
+        add("grad", ph, gb_exp * g.n / n_late)
     add("gather", Phase.BACKWARD, gb_exp * gather_b.n / n_late)
     after = 0.0
     for kind, ph in [k for k in groups if k[0] == "after"]:
