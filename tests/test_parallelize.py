@@ -415,3 +415,54 @@ def test_an_asynchronous_save_resumes_like_a_synchronous_one(tmp_path: Path) -> 
     assert not list(tmp_path.glob("*.partial"))  # renamed into place once complete
     rest = losses("dp=2", steps=5, checkpoint=str(tmp_path), resume=True)
     assert first + rest == full
+
+
+class _MixedLayer(torch.nn.Module):
+    """A layer of the stack whose parameters have two dtypes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(16, 16)
+        self.b = torch.nn.Linear(16, 16).to(torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b(self.a(x).double()).float()
+
+
+class _MixedStack(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_MixedLayer() for _ in range(2)])
+        sl.axes(self.layers, "layers")
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _mixed_losses(mesh: str, fsdp: bool) -> tuple[list[float], list[str]]:
+    torch.manual_seed(0)
+    par = lowering.parallelize(_MixedStack(), mesh, fsdp=fsdp)
+    opt = torch.optim.SGD(par.model.parameters(), lr=0.1)
+    out = []
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+        loss = F.cross_entropy(par.model(par.shard(x, "batch", None)), par.shard(y, "batch"))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        out.append(float(loss.item()))
+    sites = sorted({r.site for r in par.schedule() if r.axis == "dp" and r.op.value == "all_gather"})
+    par.close()
+    return out, sites
+
+
+def test_fsdp_gathers_a_layer_of_two_dtypes_as_one_unit_per_dtype() -> None:
+    ref, _ = _mixed_losses("", False)
+    got, sites = _mixed_losses("dp=2", True)
+    assert got == pytest.approx(ref, rel=1e-5, abs=1e-5)
+    assert sites == ["head", "layers.0 (float32)", "layers.0 (float64)", "layers.1 (float32)",
+                     "layers.1 (float64)"]

@@ -10,6 +10,9 @@ joins its layer's unit when
   over dp (no padding: a unit's blocks are concatenated as they are);
 * one module owns it (a tied parameter is gathered once for all of its owners, alone).
 
+A layer whose parameters have several dtypes is one unit per dtype (a flat buffer holds
+one).
+
 Everything else (what lies outside the stack, a model with no stack) is gathered one
 parameter at a time. The wire bytes do not change, only the number of collectives, so
 the analytic volumes (:mod:`.analytic`) list one term per unit with the members' bytes
@@ -18,6 +21,9 @@ summed, and the runtime (:mod:`lowering.parallel.fsdp`) gathers by the same tabl
 
 from __future__ import annotations
 
+import collections
+
+import torch
 from torch import nn
 
 from lowering.plan.lower import Plan
@@ -47,7 +53,8 @@ def fsdp_units(plan: Plan, model: nn.Module) -> dict[str, str]:
     aliases = dict(plan.aliases)
     tied |= {aliases.get(n, n) for n in tied}
     n = plan.mesh.dp
-    out = {}
+    out: dict[str, str] = {}
+    dtypes: dict[str, set[torch.dtype]] = collections.defaultdict(set)
     for p in plan.params:
         d = p.fsdp_dim
         if d is None or not p.name.startswith(f"{stack}.") or p.name in tied:
@@ -55,4 +62,8 @@ def fsdp_units(plan: Plan, model: nn.Module) -> dict[str, str]:
         if p.shape[d] % n or any(plan.mesh.axis_size(a) > 1 for a in p.spec.axes_of(d)):
             continue
         out[p.name] = f"{stack}.{p.name[len(stack) + 1:].split('.')[0]}"
-    return out
+        dtypes[out[p.name]].add(p.dtype)
+    # one flat buffer holds one dtype: a layer of several is one unit per dtype
+    dtype_of = {p.name: str(p.dtype).removeprefix("torch.") for p in plan.params}
+    return {name: unit if len(dtypes[unit]) == 1 else f"{unit} ({dtype_of[name]})"
+            for name, unit in out.items()}
