@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import lowering
 import shardlang as sl
+from lowering.plan import analytic_volume
 from models import GPT, GPTConfig
 from tests import user_pipeline
 from tests.user_loop import SEQ, VOCAB, TinyLM, batch, train
@@ -442,9 +443,12 @@ class _MixedStack(torch.nn.Module):
         return self.head(x)
 
 
-def _mixed_losses(mesh: str, fsdp: bool) -> tuple[list[float], list[str]]:
+def _mixed_losses(mesh: str, fsdp: bool, frozen: bool = False) -> tuple[list[float], list[str]]:
     torch.manual_seed(0)
-    par = lowering.parallelize(_MixedStack(), mesh, fsdp=fsdp)
+    model = _MixedStack()
+    if frozen:  # fine-tuning: the second layer's float32 linear stays as it is
+        model.layers[1].a.requires_grad_(False)
+    par = lowering.parallelize(model, mesh, fsdp=fsdp)
     opt = torch.optim.SGD(par.model.parameters(), lr=0.1)
     out = []
     for step in range(3):
@@ -456,8 +460,12 @@ def _mixed_losses(mesh: str, fsdp: bool) -> tuple[list[float], list[str]]:
         opt.zero_grad()
         out.append(float(loss.item()))
     sites = sorted({r.site for r in par.schedule() if r.axis == "dp" and r.op.value == "all_gather"})
+    scattered = sorted({r.site for r in par.schedule() if r.op.value == "reduce_scatter"})
+    if mesh:  # the formulas count what was recorded: units, dtypes, a frozen gather once
+        wire = sum(r.wire_bytes for r in par.schedule() if r.axis == "dp" and r.site != "loss")
+        assert analytic_volume(par.plan, par.model, batch=8, seq=1)["dp"].wire_bytes == wire
     par.close()
-    return out, sites
+    return out, sites if not frozen else sites + ["|"] + scattered
 
 
 def test_fsdp_gathers_a_layer_of_two_dtypes_as_one_unit_per_dtype() -> None:
@@ -466,3 +474,15 @@ def test_fsdp_gathers_a_layer_of_two_dtypes_as_one_unit_per_dtype() -> None:
     assert got == pytest.approx(ref, rel=1e-5, abs=1e-5)
     assert sites == ["head", "layers.0 (float32)", "layers.0 (float64)", "layers.1 (float32)",
                      "layers.1 (float64)"]
+
+
+def test_fsdp_gathers_a_frozen_parameter_alone_and_never_reduces_it() -> None:
+    ref, _ = _mixed_losses("", False, frozen=True)
+    got, sites = _mixed_losses("dp=2", True, frozen=True)
+    assert got == pytest.approx(ref, rel=1e-5, abs=1e-5)
+    # layers.1's trainable parameters (all float64 now) are one unit; the frozen linear is
+    # gathered on its own (again before its backward, which layers.0's gradient needs) and
+    # has no gradient to reduce-scatter
+    assert sites == ["head", "layers.0 (float32)", "layers.0 (float64)", "layers.1",
+                     "layers.1.a", "|", "head", "layers.0 (float32)", "layers.0 (float64)",
+                     "layers.1"]

@@ -128,13 +128,15 @@ def _fsdp(plan: Plan, model: nn.Module) -> list[Term]:
     two all-gathers (forward, before backward) and one reduce-scatter."""
     n, uses, terms = plan.mesh.dp, _uses(model), []
     units = fsdp_units(plan, model)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     grouped: dict[str, list[tuple[int, int]]] = {}
     for p in plan.params:
         if p.fsdp_dim is None:
             continue
         nbytes = _local_numel(p, plan, gathered=True) * p.dtype.itemsize
         # gathered in the compute dtype (bf16: half), reduce-scattered in the parameter's
-        moved = nbytes // p.dtype.itemsize * _act(plan) if p.dtype.is_floating_point else nbytes
+        moved = (nbytes // p.dtype.itemsize * 2 if _act(plan) == 2 and p.dtype.is_floating_point
+                 else nbytes)
         if p.name in units:
             grouped.setdefault(units[p.name], []).append((moved, nbytes))
             continue
@@ -143,6 +145,10 @@ def _fsdp(plan: Plan, model: nn.Module) -> list[Term]:
         pad = nbytes - p.nbytes // math.prod(
             plan.mesh.axis_size(a) for a in p.spec.mesh_axes if a != "dp")
         padded = f" (+{pad} B padding)" if pad else ""
+        if p.name in frozen:  # no gradient to reduce-scatter; gathered again before its
+            # module's backward (where a gradient flows through it, as under a trainable layer)
+            terms.append(Term(f"gather {p.name} (frozen){padded}", Op.ALL_GATHER, 2, moved, n))
+            continue
         terms.append(Term(f"gather {p.name}{tied}{padded}", Op.ALL_GATHER, 2, moved, n))
         terms.append(Term(f"reduce-scatter {p.name}{tied}", Op.REDUCE_SCATTER, 1, nbytes, n))
     for unit, sizes in grouped.items():

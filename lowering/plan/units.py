@@ -8,7 +8,8 @@ joins its layer's unit when
 
 * FSDP shards it over dp on a dim no other mesh axis shards, and that dim splits evenly
   over dp (no padding: a unit's blocks are concatenated as they are);
-* one module owns it (a tied parameter is gathered once for all of its owners, alone).
+* one module owns it (a tied parameter is gathered once for all of its owners, alone);
+* it requires a gradient (a frozen one is gathered alone and never reduce-scattered).
 
 A layer whose parameters have several dtypes is one unit per dtype (a flat buffer holds
 one).
@@ -49,15 +50,16 @@ def fsdp_units(plan: Plan, model: nn.Module) -> dict[str, str]:
     for name, p in model.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
         names.setdefault(id(p), name)
-    tied = {names[k] for k, n in owners.items() if n > 1}
     aliases = dict(plan.aliases)
-    tied |= {aliases.get(n, n) for n in tied}
+    alone = {names[k] for k, n in owners.items() if n > 1}  # tied
+    alone |= {n for n, p in model.named_parameters() if not p.requires_grad}  # frozen
+    alone |= {aliases.get(n, n) for n in alone}
     n = plan.mesh.dp
     out: dict[str, str] = {}
     dtypes: dict[str, set[torch.dtype]] = collections.defaultdict(set)
     for p in plan.params:
         d = p.fsdp_dim
-        if d is None or not p.name.startswith(f"{stack}.") or p.name in tied:
+        if d is None or not p.name.startswith(f"{stack}.") or p.name in alone:
             continue
         if p.shape[d] % n or any(plan.mesh.axis_size(a) > 1 for a in p.spec.axes_of(d)):
             continue
