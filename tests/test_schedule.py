@@ -64,17 +64,18 @@ def test_fsdp_volume_is_three_times_n_minus_one_over_n_psi(dp: int, batch: int) 
     got = sum(r.wire_bytes for r in recs if r.axis == "dp")
     assert got == pytest.approx(3 * (dp - 1) / dp * psi, rel=0, abs=1e-6)
     ops = collections.Counter((r.phase, r.op) for r in recs if r.axis == "dp")
-    # a layer of the stack (blocks.i) is one collective for all its parameters that split
-    # evenly over dp (FSDP2's unit); the rest, and everything outside the stack, one each
-    layers: dict[str, list[bool]] = collections.defaultdict(list)
-    alone = 0
+    # a layer of the stack (blocks.i), and outside it a module's own parameters, is one
+    # collective for those of its parameters that split evenly over dp (FSDP2's unit),
+    # if two or more do (the tied wte/lm_head weight: alone); the rest one each
+    units: dict[str, list[bool]] = collections.defaultdict(list)
     for name, p in model.named_parameters():
-        if name.startswith("blocks."):
-            layers[name.split(".")[1]].append(p.shape[0] % dp == 0)
-        else:
-            alone += 1
-    count = alone + sum(any(even) + even.count(False) for even in layers.values())
-    assert count == (8 if dp == 4 else alone + 4 * len(layers["0"]))  # 4 layers, 4 outside
+        unit = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else \
+            name.rpartition(".")[0] if name != "wte.weight" else name
+        units[unit].append(p.shape[0] % dp == 0)
+    count = sum((1 if even.count(True) > 1 else even.count(True)) + even.count(False)
+                for even in units.values())
+    # dp=4: 4 layers, wte, wpe, ln_f; dp=3: nothing splits evenly, one per parameter
+    assert count == (7 if dp == 4 else len(list(model.parameters())))
     assert ops == {(Phase.FORWARD, Op.ALL_GATHER): count, (Phase.BACKWARD, Op.ALL_GATHER): count,
                    (Phase.BACKWARD, Op.REDUCE_SCATTER): count}
     unpadded = sum(p.numel() * 4 for _, p in model.named_parameters())

@@ -68,7 +68,7 @@ def test_02_data_and_tensor_parallel() -> None:
         assert (f"blocks.{i}: 2 forward + 2 backward all-reduces over tp, payload {{65536}} B "
                 "= b*s*h*4") in out
     # (c) FSDP
-    assert ("per unit (4 layers of the stack, 4 parameters outside it): 1 all-gather "
+    assert ("per unit (4 layers of the stack, 3 outside it: wte, wpe, ln_f): 1 all-gather "
             "forward, 1 all-gather backward, 1 reduce-scatter: yes") in out
     assert re.search(r"blocks\.0's gather carries [\d,]+ B = its \d+ parameters' [\d,]+ B: "
                      r"equal", out)

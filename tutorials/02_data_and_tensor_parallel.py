@@ -134,22 +134,24 @@ def main() -> None:
         print(f"  {p.name:20} {str(p.shape):10} placements {p.placements}, "
               f"fsdp dim {p.fsdp_dim}")
     # FSDP2's unit: each layer of the stack (blocks.i) is gathered in one collective, its
-    # parameters laid end to end; a parameter outside the stack alone, once per forward
-    # by the first module that uses it (the tied lm_head.weight is wte.weight: gathered
-    # by wte, re-gathered by lm_head). Each unit: gathered forward, re-gathered before its
+    # parameters laid end to end, and outside the stack each module's own parameters
+    # (ln_f's weight and bias); a parameter alone where it is its module's only one
+    # (wpe) or tied (the lm_head.weight is wte.weight: gathered once per forward by wte,
+    # re-gathered by lm_head). Each unit: gathered forward, re-gathered before its
     # backward, its gradients reduce-scattered.
-    outside: dict[int, str] = {}
+    outside: dict[str, set[int]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
-        for p in mod.parameters(recurse=False):
-            if not name.startswith("blocks."):
-                outside.setdefault(id(p), name)
+        own = [p for p in mod.parameters(recurse=False)]
+        if own and not name.startswith("blocks.") and not any(
+                id(p) in seen for seen in outside.values() for p in own):
+            outside[name] = {id(p) for p in own}
     units = len(model.blocks) + len(outside)
     ok = all(count(recs, op=op, axis="dp", phase=phase) == units
              for op, phase in (("all_gather", "forward"), ("all_gather", "backward"),
                                ("reduce_scatter", "backward")))
-    print(f"per unit ({len(model.blocks)} layers of the stack, {len(outside)} parameters "
-          f"outside it): 1 all-gather forward, 1 all-gather backward, 1 reduce-scatter: "
-          f"{'yes' if ok else 'NO'}")
+    print(f"per unit ({len(model.blocks)} layers of the stack, {len(outside)} outside it: "
+          f"{', '.join(outside)}): 1 all-gather forward, 1 all-gather backward, "
+          f"1 reduce-scatter: {'yes' if ok else 'NO'}")
     layer = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
     gather = next(r for r in recs if r.axis == "dp" and r.site == "blocks.0")
     print(f"  blocks.0's gather carries {gather.bytes:,} B = its "
