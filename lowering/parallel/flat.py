@@ -22,11 +22,16 @@ from lowering._torch import local_block
 from lowering.plan import contiguous_stride
 from lowering.schedule import Op, logical, site
 
-__all__ = ["gather_flat", "reduce_scatter_flat", "dp_dim"]
+__all__ = ["gather_flat", "reduce_scatter_flat", "dp_dim", "cast_to"]
 
 
 def dp_dim(mesh: DeviceMesh) -> int:
     return list(mesh.mesh_dim_names or ()).index("dp")
+
+
+def cast_to(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` in ``dtype`` if it is floating point (None: as it is)."""
+    return t if dtype is None or not t.is_floating_point() or t.dtype == dtype else t.to(dtype)
 
 
 def _flat(local: torch.Tensor, mesh: DeviceMesh, at: int, pl: Placement) -> DTensor:
@@ -44,12 +49,10 @@ def gather_flat(params: Sequence[DTensor], dims: Sequence[int], name: str,
     """Each of ``params`` (sharded over dp on its dim in ``dims``) gathered over dp, in one
     all-gather (cast to ``dtype`` first, so the gather moves it)."""
     mesh = params[0].device_mesh
-    at, n = dp_dim(mesh), params[0].device_mesh.size(dp_dim(mesh))
+    at = dp_dim(mesh)
+    n = mesh.size(at)
     with torch.no_grad():
-        blocks = [local_block(p) for p in params]
-        if dtype is not None:
-            blocks = [b if b.dtype == dtype or not b.is_floating_point() else b.to(dtype)
-                      for b in blocks]
+        blocks = [cast_to(local_block(p), dtype) for p in params]
         flat = _flat(torch.cat([b.reshape(-1) for b in blocks]), mesh, at, Shard(0))
         with site(name), logical(Op.ALL_GATHER, tuple(flat.shape)):
             whole = local_block(flat.redistribute(mesh, [Replicate()] * mesh.ndim))
@@ -73,7 +76,8 @@ def reduce_scatter_flat(grads: Sequence[DTensor], dims: Sequence[int], name: str
     over dp to its block on its dim in ``dims``, in one reduce-scatter; the placements on
     the other mesh dims are kept for the caller to finish (:func:`.data.reduce_grad`)."""
     mesh = grads[0].device_mesh
-    at, n = dp_dim(mesh), mesh.size(dp_dim(mesh))
+    at = dp_dim(mesh)
+    n = mesh.size(at)
     blocks = []
     for g, d in zip(grads, dims):
         b = local_block(g)

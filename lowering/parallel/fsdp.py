@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from lowering._torch import (free_storage, local_block, refill_storage, storage_blocks,
                              tree_leaves)
 from lowering.parallel.data import reduce_grad, sliced_first
-from lowering.parallel.flat import dp_dim, gather_flat, reduce_scatter_flat
+from lowering.parallel.flat import cast_to, dp_dim, gather_flat, reduce_scatter_flat
 from lowering.plan import Plan, fsdp_units
 from lowering.schedule import Op, logical, site
 
@@ -250,10 +250,6 @@ def gathered_peak(model: nn.Module) -> int:
     return gathers.peak if gathers is not None else 0
 
 
-def _cast(p: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return p if dtype is None or not p.is_floating_point() or p.dtype == dtype else p.to(dtype)
-
-
 def install_at_use(model: nn.Module, plan: Plan | None, dmesh: DeviceMesh | None, *,
                    dtype: torch.dtype | None = None) -> None:
     """Make every module that owns an FSDP-sharded parameter gather it at use, and (with
@@ -330,7 +326,7 @@ def _wrap(mod: nn.Module, mod_name: str, sharded: list[str], cast: list[str],
         mod.__dict__.update({n: local_view(g) for n, g in used.items()} if gathers.local
                             else used)
         for n in cast:
-            mod.__dict__[n] = _cast(shadowed.get(n, mod._parameters[n]), dtype)
+            mod.__dict__[n] = cast_to(shadowed.get(n, mod._parameters[n]), dtype)
         try:
             out = orig(*args, **kwargs)
         finally:
