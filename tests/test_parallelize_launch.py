@@ -120,6 +120,38 @@ def test_the_built_in_loop_saves_and_resumes_on_another_mesh(tmp_path: Path) -> 
     assert res.returncode == 2 and "--resume needs --checkpoint DIR" in res.stderr
 
 
+def test_the_built_in_loop_checkpoints_a_pipeline_and_resumes_on_and_off_one(
+        tmp_path: Path) -> None:
+    """pp=2 x dp=2 saves in one process (every stage's layers into one checkpoint),
+    torchrun's pp=2 resumes it and saves in turn (each stage its own layers), dp=2 x
+    tp=2 resumes that: the curve of one uninterrupted dp=2 run, and a same-layout resume
+    of the pipeline is bit-exact."""
+    from lowering.run import Layout, simulate
+    from lowering.run.train import Checkpointing
+    full, _ = simulate(Layout.of("gpt-tiny", "dp=2", batch=8), steps=6)
+    curve = [step[0] for step in full.losses]
+    ck = tmp_path / "ck"
+    res = shardlang("simulate", "gpt-tiny", "--mesh", "pp=2,dp=2", "--batch", "8", "--steps",
+                    "2", "--checkpoint", str(ck), "--save-every", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (ck / "step-00002" / "shardlang.pt").exists()
+    again, _ = simulate(Layout.of("gpt-tiny", "pp=2,dp=2", batch=8), steps=4,
+                        checkpoint=Checkpointing(str(ck), resume=True))
+    piped, _ = simulate(Layout.of("gpt-tiny", "pp=2,dp=2", batch=8), steps=4)
+    assert again.losses == piped.losses[2:]  # bit-exact, every rank
+    sched = tmp_path / "s.json"
+    res = shardlang("run", "gpt-tiny", "--mesh", "pp=2", "--batch", "8", "--steps", "4",
+                    "--checkpoint", str(ck), "--resume", "--save-every", "4",
+                    "--schedule-json", str(sched))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(sched.read_text())["losses"] == pytest.approx(curve[2:4], rel=1e-5,
+                                                                    abs=1e-5)
+    assert (ck / "step-00004" / "shardlang.pt").exists()
+    last, _ = simulate(Layout.of("gpt-tiny", "dp=2,tp=2", batch=8), steps=6,
+                       checkpoint=Checkpointing(str(ck), resume=True))
+    assert [step[0] for step in last.losses] == pytest.approx(curve[4:], rel=1e-5, abs=1e-5)
+
+
 def test_a_pipelined_script_under_torchrun_records_what_simulate_records_and_reshards(
         tmp_path: Path) -> None:
     from tests import user_pipeline

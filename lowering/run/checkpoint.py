@@ -39,6 +39,9 @@ class Parallel(Protocol):  # what a checkpoint needs of lowering.Parallel
     rank: int
     recorder: object
     checkpoint_extra: dict
+    # optional ``peers``: the other pipeline stages' models this process holds (the
+    # built-in loop's simulate mode: one model per stage), pooled for the shape check
+
 
 __all__ = ["save", "load", "latest_checkpoint", "META"]
 
@@ -49,6 +52,8 @@ def _shapes(par: Parallel) -> dict[str, tuple[int, ...]]:
     """Every parameter's global shape, over all ranks: in run mode a pipeline stage's
     process holds only its own layers, so the processes pool what they hold."""
     have = {n: tuple(p.shape) for n, p in par.model.named_parameters()}
+    for peer in getattr(par, "peers", ()):  # this process's other pipeline stages
+        have |= {n: tuple(p.shape) for n, p in peer.named_parameters()}
     if par.mode != "run" or par.mesh.pp == 1:
         return have
     every: list[dict] = [{} for _ in range(dist.get_world_size())]

@@ -267,10 +267,6 @@ def train_layout(layout: Layout, mode: Mode, *, steps: int, check: bool = False,
     cfg = layout.config(plan, model, steps=steps, lr=lr, keep_grads=check,
                         check_collectives=check_collectives, vocab=data.vocab_size,
                         checkpoint=checkpoint, memory=memory)
-    if checkpoint is not None and plan.pipe is not None:
-        raise sl.ShardingError(
-            f"--checkpoint with a pipeline ({layout.mesh!r}): the built-in loop saves "
-            "non-pipelined layouts only; drop pp, or drop --checkpoint")
     with session(layout.mesh, mode) as sess:
         mine = [sess.rank // sess.stage_world] if mode is Mode.RUN else range(layout.mesh.pp)
         models = {r: model if r == mine[0] else layout.model.build(seed=layout.seed, shards=True)

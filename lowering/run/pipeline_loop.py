@@ -20,11 +20,13 @@ from lowering.parallel.pipeline_step import (dummy_tokens, funcol_all_reduce,
                                              in_process_all_reduce, reduce_grads,
                                              step_in_process, step_torch)
 from lowering.plan import Kind, Plan, Slot, bubble_of, microbatch_rows
+from lowering.run import checkpoint
 from lowering.run.memory import MemoryMeter
 from lowering.run.session import Mode, Session, group_axes
 from lowering.run.stack_watch import StackWatch
 from lowering.run.train import (StepCallback, TrainConfig, TrainResult, _active, _batch,
-                                _checker, _finish, _guarded, _null, _recording, _values)
+                                _checker, _finish, _guarded, _Holder, _null, _recording,
+                                _values)
 from lowering.schedule import Cost, Phase, Recorder
 from models.datasets import Batches
 
@@ -66,12 +68,14 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
     tokens = dummy_tokens((cfg.batch // m, cfg.seq), "meta" if dry else sess.device)
     result = TrainResult()
     costs: dict = {}
+    ck = cfg.checkpoint if not dry else None
+    first = _resume(stages, opts, sess, ck.directory) if ck and ck.resume else 0
 
     def constrain(r: int) -> Callable[[torch.Tensor, sl.Axes], torch.Tensor]:
         ctx = ctxs[r]
         return ctx.constrain if ctx is not None else (lambda x, axes: x)
 
-    for step in range(cfg.steps):
+    for step in range(first, cfg.steps):
         t0 = time.perf_counter()
         idx, tgt = _batch(data, step, cfg, next(iter(ctxs.values())), dry=dry, rows=rows)
         if run and sess.device != "cpu":
@@ -124,6 +128,10 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
         if run:
             result.bubble.append(_measured_bubble(out.slots, pipe.pp, sess))
         _finish(result, step, losses, metrics, t0, cfg, on_step)
+        if ck and ck.save_every and (step + 1) % ck.save_every == 0:
+            holder, opt = _saving(stages, opts, sess)
+            checkpoint.save(holder, f"{ck.directory}/step-{step + 1:05d}", step=step + 1,
+                            optimizer=opt)  # type: ignore[arg-type]
     result.stage_records = {r: recs[r].records for r in stages}
     if dry and cfg.memory:
         result.compute = {r: {("F" if k is Kind.F else "B", c): cost
@@ -140,6 +148,53 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
             first_rank=0 if local > 1 else sess.rank % sess.stage_world, stack=result.stack)
         result.memory = result.report(plan)
     return result
+
+
+def _resume(stages: Mapping[int, StageModel], opts: Mapping[int, torch.optim.Optimizer],
+            sess: Session, directory: str) -> int:
+    """Load the newest checkpoint into every stage of this process (each its own layers
+    and the shared parameters); returns its step."""
+    step = 0
+    for r, st in stages.items():
+        peers = [o.model for q, o in stages.items() if q != r]
+        holder = _Holder(st.model, sess.mesh, sess.mode.value, sess.rank, peers=peers)
+        step = checkpoint.load(holder, directory, optimizer=opts[r])
+    return step
+
+
+class _AllStages:
+    """This process's pipeline stages as one model and one optimizer, for a save: each
+    parameter (and its optimizer state) from the first stage that holds it; the stages
+    that share a parameter hold equal copies."""
+
+    def __init__(self, stages: Mapping[int, StageModel],
+                 opts: Mapping[int, torch.optim.Optimizer]) -> None:
+        self.params: dict[str, nn.Parameter] = {}
+        self.state: dict[nn.Parameter, dict] = {}
+        for r in sorted(stages):
+            for name, p in stages[r].model.named_parameters():
+                if name not in self.params:
+                    self.params[name] = p
+                    if p in opts[r].state:
+                        self.state[p] = opts[r].state[p]
+        self.groups = opts[min(stages)].state_dict()["param_groups"]
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return iter(self.params.items())
+
+    def state_dict(self) -> dict:
+        return {"param_groups": self.groups}
+
+
+def _saving(stages: Mapping[int, StageModel], opts: Mapping[int, torch.optim.Optimizer],
+            sess: Session) -> tuple[_Holder, object]:
+    """What :func:`checkpoint.save` writes: in run mode this process's stage, as
+    :class:`lowering.Parallel` saves it; in simulate mode every stage at once."""
+    if len(stages) == 1:
+        (r, st), = stages.items()
+        return _Holder(st.model, sess.mesh, sess.mode.value, sess.rank), opts[r]
+    view = _AllStages(stages, opts)
+    return _Holder(view, sess.mesh, sess.mode.value, sess.rank), view  # type: ignore[arg-type]
 
 
 def _stage_grads(stages: Mapping[int, StageModel], local: int, sess: Session

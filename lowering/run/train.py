@@ -74,6 +74,7 @@ class _Holder:
     rank: int
     recorder: Recorder | None = None
     checkpoint_extra: dict = field(default_factory=dict)
+    peers: list[nn.Module] = field(default_factory=list)  # this process's other stages
 
 
 @dataclass
