@@ -48,7 +48,10 @@ class PipelinedStep:
     """The pipeline stages of this process over ``model`` and their recorders."""
 
     def __init__(self, model: nn.Module, plan: Plan, sess: Session) -> None:
-        assert plan.pipeline is not None
+        if plan.pipeline is None:
+            raise sl.ShardingError(
+                f"a pipelined step needs a plan with pp > 1, got {plan.mesh!r}; drive a "
+                "layout without pp by model(x) and loss.backward()")
         self.model, self.plan, self.sess = model, plan, sess
         self.pipe = plan.pipeline.pipe
         self.run = sess.mode is Mode.RUN
