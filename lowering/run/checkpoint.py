@@ -42,7 +42,6 @@ class Parallel(Protocol):  # what a checkpoint needs of lowering.Parallel
     # optional ``peers``: the other pipeline stages' models this process holds (the
     # built-in loop's simulate mode: one model per stage), pooled for the shape check
 
-
 __all__ = ["save", "load", "latest_checkpoint", "META"]
 
 META = "shardlang.pt"

@@ -128,10 +128,9 @@ def train_pipeline(models: Mapping[int, nn.Module], plan: Plan, sess: Session, d
         if run:
             result.bubble.append(_measured_bubble(out.slots, pipe.pp, sess))
         _finish(result, step, losses, metrics, t0, cfg, on_step)
-        if ck and ck.save_every and (step + 1) % ck.save_every == 0:
+        if ck and (path := ck.due(step)):
             holder, opt = _saving(stages, opts, sess)
-            checkpoint.save(holder, f"{ck.directory}/step-{step + 1:05d}", step=step + 1,
-                            optimizer=opt)  # type: ignore[arg-type]
+            checkpoint.save(holder, path, step=step + 1, optimizer=opt)  # type: ignore[arg-type]
     result.stage_records = {r: recs[r].records for r in stages}
     if dry and cfg.memory:
         result.compute = {r: {("F" if k is Kind.F else "B", c): cost

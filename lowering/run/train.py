@@ -63,6 +63,12 @@ class Checkpointing:
     save_every: int = 0
     resume: bool = False
 
+    def due(self, step: int) -> str | None:
+        """Where to save after 0-based ``step`` (None: no save then)."""
+        done = step + 1
+        return f"{self.directory}/step-{done:05d}" if self.save_every and \
+            done % self.save_every == 0 else None
+
 
 @dataclass
 class _Holder:
@@ -178,9 +184,8 @@ def train(model: nn.Module, plan: Plan | None, sess: Session | None, data: Batch
             losses = [float(v) for v in _values(loss, world)]
             metrics = {k: _values(v, world)[0].tolist() for k, v in reported.metrics.items()}
             _finish(result, step, losses, metrics, t0, cfg, on_step)
-        if ck and ck.save_every and (step + 1) % ck.save_every == 0:
-            checkpoint.save(holder, f"{ck.directory}/step-{step + 1:05d}", step=step + 1,
-                            optimizer=opt)
+        if ck and (path := ck.due(step)):
+            checkpoint.save(holder, path, step=step + 1, optimizer=opt)
     if recorder is not None:
         result.records = recorder.records
         if recorder.count_compute:
