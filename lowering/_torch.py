@@ -41,6 +41,7 @@ __all__ = [
     "in_backward", "is_higher_order", "op_name", "is_functional_collective", "draws_random",
     "tree_flatten", "tree_unflatten", "tree_leaves", "tree_map",
     "all_to_all_single", "all_reduce_sum", "all_reduce_async", "at_backward_end", "wait",
+    "storage_shared",
     "is_wrapper_subclass", "local_block", "dtensor_like",
     "rank_values", "local_tensor_mode", "own_copy_per_rank", "host_values", "per_rank",
     "rank_index", "forget_dtensor_caches", "init_fake", "interleaved_order", "default_store",
@@ -126,14 +127,22 @@ def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 
 def all_reduce_async(x: torch.Tensor, op: str, group: Any) -> torch.Tensor:
-    """A functional all-reduce, issued and not waited on (``wait`` before using it)."""
-    return _funcol.all_reduce(x, op, group)
+    """A functional all-reduce of ``x`` in place (no copy of the buffer, as DDP reduces
+    its buckets), issued and not waited on: ``wait(x)`` before reading ``x``."""
+    name = _funcol._resolve_group_name(group)
+    return torch.ops._c10d_functional.all_reduce_(x, op.lower(), name)
 
 
 def at_backward_end(callback: Callable[[], None]) -> None:
     """Run ``callback`` once the running backward pass has finished its last node
     (called from inside backward, e.g. from a gradient hook; what DDP and FSDP use)."""
     torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def storage_shared(t: torch.Tensor) -> bool:
+    """Whether another tensor (a view, an alias, a ``.grad``) shares ``t``'s storage."""
+    # the storage's count of tensor references: ``t`` and the storage object made here
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) > 2
 
 
 def local_block(t: Any) -> torch.Tensor:

@@ -42,10 +42,15 @@ def reference() -> list[float]:
 def test_the_same_script_under_torchrun_and_in_one_process(tmp_path: Path,
                                                            reference: list[float]) -> None:
     out = tmp_path / "run.json"
-    res = shardlang("run", SCRIPT, "--mesh", "dp=2,tp=2", "--", str(out), "--steps", "6")
+    res = shardlang("run", SCRIPT, "--mesh", "dp=2,tp=2", "--", str(out), "--steps", "6",
+                    "--hold-grads")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(out.read_text())["mode"] == "run"
     assert read(out) == pytest.approx(reference, rel=1e-5, abs=1e-5)
+    # the gradient buckets are reused from step to step (steps 1, 3, 5 reduce into the
+    # buffer of the step before), never while a user still holds a step's gradients
+    # (steps 0, 2, 4 keep theirs)
+    assert json.loads(out.read_text())["held_intact"] is True
     sim = tmp_path / "sim.json"
     res = shardlang("simulate", SCRIPT, "--mesh", "dp=2,tp=2", "--", str(sim), "--steps", "6",
                     "--fsdp")

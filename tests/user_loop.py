@@ -55,7 +55,7 @@ def batch(step: int, rows: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 def train(mesh: str | None = "", *, steps: int = 5, fsdp: bool = False, precision: str = "fp32",
           accumulate: int = 1, tied: bool = True, checkpoint: str | None = None,
           save_every: int = 0, resume: bool = False, kill_at: int = -1,
-          asynchronous: bool = False,
+          asynchronous: bool = False, held: list | None = None,
           model: nn.Module | None = None) -> tuple[list[float], lowering.Parallel]:
     torch.manual_seed(0)
     par = lowering.parallelize(model or TinyLM(tied), mesh or None, fsdp=fsdp,
@@ -75,6 +75,10 @@ def train(mesh: str | None = "", *, steps: int = 5, fsdp: bool = False, precisio
                 (loss / accumulate).backward()
             total += loss.item() / accumulate
         par.clip_grad_norm_(1.0)
+        if held is not None and step % 2 == 0:  # a user keeping this step's gradients
+            for p in par.model.parameters():
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                held.append((g, g.clone()))
         opt.step()
         sched.step()
         opt.zero_grad()
@@ -104,15 +108,21 @@ if __name__ == "__main__":
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--kill-at", type=int, default=-1)
+    p.add_argument("--hold-grads", action="store_true",
+                   help="keep every even step's gradients (their local blocks) to the end")
     p.add_argument("--auto-resume", action="store_true",
                    help="resume when the checkpoint folder holds a checkpoint (a restart)")
     a = p.parse_args()
     found = a.checkpoint and os.path.isdir(a.checkpoint) and any(
         os.path.exists(os.path.join(a.checkpoint, d, "shardlang.pt"))
         for d in os.listdir(a.checkpoint))
+    held: list | None = [] if a.hold_grads else None
     losses, par = train(None, steps=a.steps, fsdp=a.fsdp, checkpoint=a.checkpoint,
                         save_every=a.save_every, resume=a.resume or bool(a.auto_resume and found),
-                        kill_at=a.kill_at)
+                        kill_at=a.kill_at, held=held)
     if par.rank == 0:
+        out = {"losses": losses, "mode": par.mode, "mesh": str(par.mesh)}
+        if held is not None:  # nothing of ours wrote into gradients a user still holds
+            out["held_intact"] = len(held) > 0 and all(torch.equal(g, c) for g, c in held)
         with open(a.out, "w") as f:
-            json.dump({"losses": losses, "mode": par.mode, "mesh": str(par.mesh)}, f)
+            json.dump(out, f)

@@ -21,7 +21,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Shard
 
-from lowering._torch import all_reduce_async, at_backward_end, dtensor_like, local_block, wait
+from lowering._torch import (all_reduce_async, at_backward_end, dtensor_like, local_block,
+                             storage_shared, wait)
 from lowering.plan import GradBucket, Plan
 from lowering.schedule import Phase, Recorder
 
@@ -98,12 +99,13 @@ class _Buckets:
         self.buckets = [(b, sorted(names.index(a) for a in b.axes)) for b in buckets]
         self.of = {n: i for i, b in enumerate(buckets) for n in b.names}
         self.dmesh, self.recorder = dmesh, recorder
+        self.buffers: dict[int, torch.Tensor] = {}
         self._reset()
 
     def _reset(self) -> None:
         self.ready: dict[int, list[tuple[nn.Parameter, DTensor]]] = {}
         self.left = {i: len(b.names) for i, (b, _) in enumerate(self.buckets)}
-        self.issued: list[tuple[list[tuple[nn.Parameter, DTensor]], torch.Tensor]] = []
+        self.issued: list[tuple[int, tuple[list[tuple[nn.Parameter, DTensor]], torch.Tensor]]] = []
         self.armed = False
 
     def arrived(self, name: str, param: nn.Parameter, g: DTensor) -> bool:
@@ -127,19 +129,35 @@ class _Buckets:
     def _issue(self, i: int) -> None:
         bucket, dims = self.buckets[i]
         members = self.ready.pop(i)
-        flat = torch.cat([local_block(g).reshape(-1) for _, g in members])
+        flat = self._flat(i, [local_block(g).reshape(-1) for _, g in members])
         rec = self.recorder()
         with (rec.site(bucket.site, Phase.BACKWARD) if rec else contextlib.nullcontext()):
-            for d in dims:
+            for k, d in enumerate(dims):  # in place: each axis after the last finished
+                if k:
+                    flat = wait(flat)
                 flat = all_reduce_async(flat, "sum", (self.dmesh, d))
-        self.issued.append((members, flat))
+        self.issued.append((i, (members, flat)))
+
+    def _flat(self, i: int, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """The bucket's gradients in one flat buffer: the last step's, once nothing holds
+        a view of it any more (no ``.grad`` handed out from it, nor an alias of one:
+        DDP keeps its buckets too; a fresh buffer each step costs this machine's
+        allocator page faults on every byte), else a new one. Plain tensors only (run
+        mode; simulate and dry runs allocate as before)."""
+        buf = self.buffers.get(i)
+        if (buf is not None and type(buf) is torch.Tensor and not storage_shared(buf)
+                and buf.numel() == sum(b.numel() for b in blocks)
+                and all(type(b) is torch.Tensor and b.dtype == buf.dtype
+                        and b.device == buf.device for b in blocks)):
+            return torch.cat(blocks, out=buf)
+        return torch.cat(blocks)
 
     def finish(self) -> None:
         """End of backward: issue what is still open (a gradient that never came), wait
         for every bucket, and unpack."""
         for i in sorted(self.ready):
             self._issue(i)
-        for members, flat in self.issued:
+        for i, (members, flat) in self.issued:
             flat = wait(flat)
             at = 0
             for param, g in members:
@@ -148,6 +166,7 @@ class _Buckets:
                 block = flat[at:at + n].view(local.shape)
                 at += n
                 param.grad = dtensor_like(block, param)  # the parameter's own spec
+            self.buffers[i] = flat
         self._reset()
 
 
