@@ -41,7 +41,7 @@ __all__ = [
     "in_backward", "is_higher_order", "op_name", "is_functional_collective", "draws_random",
     "tree_flatten", "tree_unflatten", "tree_leaves", "tree_map",
     "all_to_all_single", "all_reduce_sum", "all_reduce_async", "at_backward_end", "wait",
-    "storage_shared",
+    "storage_shared", "all_gather_rows", "reduce_scatter_rows", "dtensor_of",
     "is_wrapper_subclass", "local_block", "dtensor_like",
     "rank_values", "local_tensor_mode", "own_copy_per_rank", "host_values", "per_rank",
     "rank_index", "forget_dtensor_caches", "init_fake", "interleaved_order", "default_store",
@@ -124,6 +124,31 @@ def all_to_all_single(x: torch.Tensor, out_splits: Sequence[int] | None,
 def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """A functional all-reduce (sum) over ``group``, waited on."""
     return wait(_funcol.all_reduce(x, "sum", group))
+
+
+def all_gather_rows(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """A functional all-gather of 1-D ``x`` (rank ``r``'s block in row ``r`` of the
+    result, flattened), waited on; ``group`` as funcol takes it, e.g. ``(mesh, dim)``."""
+    return wait(_funcol.all_gather_single(x, 0, group))
+
+
+def reduce_scatter_rows(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """A functional reduce-scatter (sum) of 1-D ``x``: this rank's block of the sum,
+    waited on."""
+    return wait(_funcol.reduce_scatter_single(x, "sum", 0, group))
+
+
+def dtensor_of(local: torch.Tensor, mesh: Any, placements: Sequence[Placement],
+               shape: Sequence[int], stride: Sequence[int]) -> Any:
+    """A DTensor over ``local`` with this global shape and stride, built directly (no
+    ``from_local`` autograd node or checks: for values made without a graph, e.g. FSDP's
+    gathered parameters and reduce-scattered gradients)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    spec = DTensorSpec(mesh, tuple(placements),
+                       tensor_meta=TensorMeta(torch.Size(shape), tuple(stride), local.dtype))
+    return DTensor(local, spec, requires_grad=False)
 
 
 def all_reduce_async(x: torch.Tensor, op: str, group: Any) -> torch.Tensor:

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
-from lowering._torch import local_block
+from lowering._torch import all_gather_rows, dtensor_of, local_block, reduce_scatter_rows
 from lowering.plan import contiguous_stride
 from lowering.schedule import Op, logical, site
 
@@ -34,16 +34,6 @@ def cast_to(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t if dtype is None or not t.is_floating_point() or t.dtype == dtype else t.to(dtype)
 
 
-def _flat(local: torch.Tensor, mesh: DeviceMesh, at: int, pl: Placement) -> DTensor:
-    """A 1-D DTensor over ``local`` with ``pl`` on mesh dim ``at`` (only that dim is
-    redistributed; the others are declared replicated and never touched)."""
-    n = mesh.size(at)
-    placements = [pl if i == at else Replicate() for i in range(mesh.ndim)]
-    size = local.numel() * (n if isinstance(pl, Shard) else 1)
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=(size,),
-                              stride=(1,))
-
-
 def gather_flat(params: Sequence[DTensor], dims: Sequence[int], name: str,
                 dtype: torch.dtype | None) -> list[DTensor]:
     """Each of ``params`` (sharded over dp on its dim in ``dims``) gathered over dp, in one
@@ -53,10 +43,9 @@ def gather_flat(params: Sequence[DTensor], dims: Sequence[int], name: str,
     n = mesh.size(at)
     with torch.no_grad():
         blocks = [cast_to(local_block(p), dtype) for p in params]
-        flat = _flat(torch.cat([b.reshape(-1) for b in blocks]), mesh, at, Shard(0))
-        with site(name), logical(Op.ALL_GATHER, tuple(flat.shape)):
-            whole = local_block(flat.redistribute(mesh, [Replicate()] * mesh.ndim))
-        rows = whole.view(n, -1)
+        flat = torch.cat([b.reshape(-1) for b in blocks])
+        with site(name), logical(Op.ALL_GATHER, (n * flat.numel(),)):
+            rows = all_gather_rows(flat, (mesh, at)).view(n, -1)
         out, off = [], 0
         for p, b, d in zip(params, blocks, dims):
             k = b.numel()
@@ -64,9 +53,8 @@ def gather_flat(params: Sequence[DTensor], dims: Sequence[int], name: str,
             shape = (*b.shape[:d], n * b.shape[d], *b.shape[d + 1:])
             off += k
             pl = [Replicate() if i == at else q for i, q in enumerate(p.placements)]
-            out.append(DTensor.from_local(part.reshape(shape).contiguous(), mesh, pl,
-                                          run_check=False, shape=p.shape,
-                                          stride=contiguous_stride(p.shape)))
+            out.append(dtensor_of(part.reshape(shape).contiguous(), mesh, pl, p.shape,
+                                  contiguous_stride(p.shape)))
     return out
 
 
@@ -83,10 +71,9 @@ def reduce_scatter_flat(grads: Sequence[DTensor], dims: Sequence[int], name: str
         b = local_block(g)
         split = b.reshape(*b.shape[:d], n, b.shape[d] // n, *b.shape[d + 1:]).movedim(d, 0)
         blocks.append(split.reshape(n, -1))
-    flat = _flat(torch.cat(blocks, dim=1).reshape(-1), mesh, at, Partial())
+    flat = torch.cat(blocks, dim=1).reshape(-1)
     with site(name), logical(Op.REDUCE_SCATTER, tuple(flat.shape)):
-        mine = local_block(flat.redistribute(mesh, [Shard(0) if i == at else Replicate()
-                                                    for i in range(mesh.ndim)]))
+        mine = reduce_scatter_rows(flat, (mesh, at))
     out, off = [], 0
     for g, d, blk in zip(grads, dims, blocks):
         k = blk.shape[1]
@@ -94,6 +81,6 @@ def reduce_scatter_flat(grads: Sequence[DTensor], dims: Sequence[int], name: str
         shape = (*b.shape[:d], b.shape[d] // n, *b.shape[d + 1:])
         off += k
         pl = [Shard(d) if i == at else q for i, q in enumerate(g.placements)]
-        out.append(DTensor.from_local(mine[off - k:off].view(shape), mesh, pl, run_check=False,
-                                      shape=g.shape, stride=contiguous_stride(g.shape)))
+        out.append(dtensor_of(mine[off - k:off].view(shape), mesh, pl, g.shape,
+                              contiguous_stride(g.shape)))
     return out
