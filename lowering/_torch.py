@@ -48,7 +48,8 @@ __all__ = [
     "group_ranks", "module_tracker", "tracker_snapshot", "register_cpu_sdpa",
     "instrument_pipeline_stage", "quiet_dtensor_warnings", "free_storage", "refill_storage",
     "storage_freed", "storage_blocks", "sdpa", "CPU_FLASH", "CPU_FLASH_BACKWARD", "ATTENTION_OPS",
-    "dtensor_op_handlers", "optimizer_step_hooks",
+    "dtensor_op_handlers", "optimizer_step_hooks", "fused_attention_block",
+    "fused_attention_block_backward",
     "loss_parallel_active",
 ]
 
@@ -416,6 +417,31 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale,
                                           enable_gqa=enable_gqa)
+
+
+def fused_attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(output, fp32 log-sum-exp of each query's scores) of one attention block by the
+    fused CPU kernel (which also serves meta tensors, so a dry trace sees the fused op);
+    None on other devices, whose caller computes the block itself."""
+    if q.device.type not in ("cpu", "meta"):
+        return None
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, scale=scale)
+    return out, lse
+
+
+def fused_attention_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                   v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+                                   causal: bool, scale: float
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The fused kernel's gradients of one block given the *whole* attention's output and
+    log-sum-exp (so blocks of a ring add up to the gradient of the whole); None off CPU."""
+    if q.device.type not in ("cpu", "meta"):
+        return None
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+    return dq, dk, dv
 
 
 #: fused attention kernels (op_cost counts their FLOPs apart: they run at their own speed)

@@ -169,6 +169,28 @@ def test_pipeline_bubble_is_the_schedules(schedule: str, m: int, v: int) -> None
     assert p.step_s == pytest.approx(busy / (1 - p.bubble), rel=1e-6)
 
 
+def test_a_pipelines_gradient_syncs_hide_behind_the_backwards_after_each_chunks_last() -> None:
+    """Interleaved (v=2): the deeper chunk's gradients go on the wire once its last
+    backward is through and hide behind the stage's later backwards of chunk 0; only
+    chunk 0's share, less what its own last backward covers, shows. One chunk per rank
+    (1F1B): the sync hides behind the last backward only."""
+    h100 = device("h100-80gb")
+    b = Cost(flops=2e12)
+    t_b = compute_seconds(b, h100, "bf16")  # one microbatch's backward of one chunk
+    for v, sync in ((2, 3 * t_b), (1, 3 * t_b)):
+        pipe = Pipe(Schedule.INTERLEAVED if v > 1 else Schedule.ONE_F_ONE_B, 2, 4, v)
+        compute = {r: {(k, c): (b if k == "B" else Cost(flops=1e12))
+                       for c in pipe.chunks_of(r) for k in "FB"} for r in range(2)}
+        items = {r: [("grad", Phase.BACKWARD, "dp", sync / 10, 10)] for r in range(2)}
+        p = predict_items(h100, precision="bf16", compute=compute, items=items, pipe=pipe,
+                          tokens=1)
+        last = sync / 10
+        if v == 1:  # the whole sync during the last backward, the last bucket after it
+            assert p.exposed_s["dp"] == pytest.approx(max(sync - t_b, last), rel=1e-9)
+        else:  # half (chunk 0's) after chunk 0's last backward began; chunk 1's hidden
+            assert p.exposed_s["dp"] == pytest.approx(sync / 2 - t_b, rel=1e-9)
+
+
 def test_explain_json_predicted_fields(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["explain", "gpt-tiny", "--mesh", "pp=2,tp=2", "--device", "h100-80gb",
                  "--json"]) == 0

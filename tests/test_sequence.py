@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from dataclasses import replace
 
 import pytest
 import torch
@@ -147,3 +148,49 @@ def test_sub_mesh_coordinates_survive_address_reuse() -> None:
                 node = submesh(sess.dmesh, axis).get_local_rank().node
                 assert node._local_ints == {r: r // stride % 2 for r in range(8)}, axis
                 gc.collect()  # a sub-mesh sits in a reference cycle: free it now
+
+
+def test_ring_attention_saves_no_score_matrix_and_matches_with_gqa() -> None:
+    """The ring keeps its queries, the K/V blocks it saw, the output and the log-sum-exp
+    for backward: nothing of size (c, c), so long sequences fit. Grouped-query K/V (2
+    heads for 4 query heads) give the single-device output (their gradients: the HF
+    Llama parity under sp in test_hf)."""
+    torch.manual_seed(0)
+    n, b, h, hk, s, d = 4, 2, 4, 2, 64, 8
+    q = torch.randn(b, h, s, d, requires_grad=True)
+    k, v = (torch.randn(b, hk, s, d, requires_grad=True) for _ in range(2))
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    rules = sl.Rules(batch="dp", heads="tp", seq="sp")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        t = trace_function(lambda q, k, v: sl.attention(q, k, v, causal=True), [q, k, v],
+                           mesh=sl.Mesh(sp=n), rules=rules, backward=True)
+    c = s // n
+    assert saved and not [sh for sh in saved if sh[-2:] == (c, c)], saved
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(t.output, want.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_ring_model_flops_do_not_depend_on_the_layout_and_skipped_blocks_take_no_time(
+        balanced: bool) -> None:
+    """A dry trace counts every (query, key) pair of the causal sequence in the model's
+    FLOPs, as one kernel over the whole sequence counts them, whichever sp layout; the
+    time counts what a rank runs. Without load balancing the busiest rank (n-1) runs
+    half its own block and every earlier one: (n - 1/2) of n blocks' FLOPs; balanced,
+    each rank runs half of every block: 1/2."""
+    n = 4
+
+    def traced(sp: int, load_balance: bool = False) -> list:
+        return list(explain(replace(layout(sp=sp), load_balance=load_balance)).compute[0].values())
+
+    whole, ring = traced(1), traced(n, balanced)
+    assert sum(c.flops for c in ring) * n == pytest.approx(sum(c.flops for c in whole), rel=1e-9)
+    for c in ring:
+        if c.attention_flops:
+            ran = (c.attention_flops - c.skipped_flops) / c.attention_flops
+            assert ran == pytest.approx(0.5 if balanced else (n - 0.5) / n, rel=1e-9)

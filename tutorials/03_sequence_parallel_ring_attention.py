@@ -93,9 +93,12 @@ def section_a() -> None:
     if not agree or work != causal_work(S, N, balanced=False):
         raise SystemExit("the ring did not deliver the blocks in the expected order")
     print("'full': all keys are earlier tokens; 'diagonal': the causal mask applies inside")
-    print("the block; 'masked': all keys are later tokens, the step adds weight 0. Each step")
-    print("rescales the running output: out = out*exp(lse-new) + o_blk*exp(lse_blk-new),")
-    print("new = logaddexp(lse, lse_blk), so the result is softmax over all keys at once.")
+    print("the block; 'masked': all keys are later tokens, and the rank skips the step's")
+    print("compute. Each step runs a fused attention kernel on the block, which returns the")
+    print("block's output and log-sum-exp, and rescales the running output:")
+    print("out = out*exp(lse-new) + o_blk*exp(lse_blk-new), new = logaddexp(lse, lse_blk),")
+    print("so the result is softmax over all keys at once, and no (c, c) score matrix is")
+    print("kept for backward.")
 
 
 def section_b() -> None:
@@ -126,8 +129,10 @@ def section_b() -> None:
               f"{'equal' if ok else 'NOT EQUAL'}")
         if not ok or len(mine) != N - 1:
             raise SystemExit(f"{phase} schedule differs from n-1 K/V exchanges")
-    print("K and V travel stacked (the 2). Backward sends the K/V gradients back the other")
-    print("way: autograd's inverse of each forward permute.")
+    print("K and V travel stacked (the 2). Backward computes each block's gradients from")
+    print("the whole output and log-sum-exp (FlashAttention's rule) and sends the K/V")
+    print("gradient back the other way, gathering each block's share: the inverse of each")
+    print("forward permute.")
 
 
 def section_c() -> None:

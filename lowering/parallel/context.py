@@ -88,9 +88,11 @@ class DTensorContext:
         axis = seq_axes[0]
         n, balanced = self.mesh.axis_size(axis), self.plan.options.load_balance
 
+        sub = submesh(self.dmesh, axis)
+
         def ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return ring_attention(q, k, v, axis=axis, n=n, causal=causal, scale=scale,
-                                  balanced=balanced)
+                                  balanced=balanced, sub=sub, recorder=self.recorder)
 
         return self._shard_map_specs(ring, [spec] * 3, [spec], (q, k, v))
 

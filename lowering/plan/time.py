@@ -11,8 +11,10 @@ bytes of every other op) and its recorded collectives. The model:
   those of the memory-bound ops after fusion on a GPU (:mod:`lowering.schedule.fusion`:
   chains of pointwise ops and reductions between two matmuls as one kernel, as fused
   kernels and ``torch.compile`` run them) and every eager op's on ``cpu``; a causal fused
-  attention's FLOPs count half (its kernel skips the masked blocks). Reported
-  TFLOP/s count every traced FLOP (causal attention in full, as 6ND-style counts do).
+  attention's FLOPs count half (its kernel skips the masked blocks), and the blocks ring
+  attention skips under a causal mask take no time. Reported TFLOP/s count every traced
+  FLOP (causal attention in full, ring attention's skipped blocks included, as 6ND-style
+  counts do), so they do not depend on the layout.
 * **a collective**: ``latency * ring steps + wire bytes / bandwidth`` with the ring
   formulas of :func:`lowering.schedule.wire_bytes`; the link is NVLink when the group's
   ranks span at most ``gpus_per_node`` consecutive ranks (canonical order, tp innermost),
@@ -21,7 +23,11 @@ bytes of every other op) and its recorded collectives. The model:
   gradient buckets (sites ``grads ...``) and FSDP's reduce-scatters hide behind the
   backward's compute, FSDP's all-gathers behind the forward's (prefetch), except the last
   bucket and the first gather, which are always exposed; under a pipeline the gradient
-  reductions hide behind the stage's last backward only. Tensor-, sequence- and
+  reductions of each model chunk go on the wire during its last backward and hide
+  behind the backwards the stage runs after it (one communication stream, the chunks in
+  the order they finish; the last chunk's last bucket always shows), as torch's
+  pipeline stages and Megatron-LM reduce each chunk's gradients once its last
+  microbatch is through. Tensor-, sequence- and
   expert-parallel collectives are on the critical path (the next op needs their result).
   The all-reduce of parameters every pipeline stage holds runs after the pipeline.
 * **pipeline**: every rank's actions in the schedule's own order
@@ -77,7 +83,7 @@ def compute_seconds(c: Cost, dev: Device, precision: str) -> float:
     bytes at its achievable bandwidth: those a fusing stack moves on a GPU profile, every
     eager op's on one that does not fuse (``cpu``)."""
     peak = dev.peak(precision)
-    attention = c.attention_flops - 0.5 * c.causal_flops
+    attention = c.attention_flops - c.skipped_flops
     return ((c.flops - c.attention_flops) / (peak * dev.matmul_efficiency)
             + attention / (peak * dev.attention_efficiency)
             + c.memory_bytes(dev.fuses) / (dev.hbm_bw * dev.hbm_efficiency))
@@ -184,6 +190,34 @@ class _Stage:
     hardware_flops: float    # and those executed
     axis: dict[str, float]
     exposed: dict[str, float]
+    #: pipelined: the gradient syncs (and backward gathers) in seconds, per axis and the
+    #: last one's, hidden behind the backwards that follow each chunk's last one
+    sync: float = 0.0
+    sync_axes: dict[str, float] | None = None
+    sync_last: float = 0.0
+
+    def expose_sync(self, seconds: float) -> None:
+        """Attribute ``seconds`` of the syncs' time to their axes as exposed."""
+        total = sum((self.sync_axes or {}).values())
+        for ax, t in (self.sync_axes or {}).items():
+            self.exposed[ax] = self.exposed.get(ax, 0.0) + seconds * t / total
+
+
+def _sync_exposed(st: _Stage, last_backward: Mapping[int, tuple[float, float]],
+                  end: float) -> float:
+    """Exposed seconds of a pipeline stage's gradient syncs: chunk c's share (by its
+    backward's compute) goes on the wire while its last backward runs, the last of it
+    after that backward, one chunk after another (one communication stream), so what
+    the later chunks' backwards leave undone by ``end`` (the stage's last action) shows.
+    ``last_backward``: chunk -> (start, end) of its last backward."""
+    if not st.sync:
+        return 0.0
+    total_b = sum(st.b[c] for c in last_backward) or 1.0
+    t = -math.inf
+    for c, (t0, t1) in sorted(last_backward.items(), key=lambda kv: kv[1][1]):
+        share = st.sync * st.b[c] / total_b
+        t = max(max(t, t0) + share, t1 + min(share, st.sync_last))
+    return max(0.0, t - end)
 
 
 def _stage(compute: StageCompute, items: Sequence[Item], chunks: Sequence[int], m: int,
@@ -231,9 +265,14 @@ def _stage(compute: StageCompute, items: Sequence[Item], chunks: Sequence[int], 
                      late, b[chunks[0]] if pipelined else bwd_total)
     add("gather", Phase.FORWARD, g_exp)
     n_late = max(1, n_grads + gather_b.n)
-    for ph, g in ((Phase.BACKWARD, grads_b), (Phase.FORWARD, grads_f)):  # each its share
-        add("grad", ph, gb_exp * g.n / n_late)
-    add("gather", Phase.BACKWARD, gb_exp * gather_b.n / n_late)
+    if not pipelined:  # a pipeline's: once the timeline says when each chunk's last backward ends
+        for ph, g in ((Phase.BACKWARD, grads_b), (Phase.FORWARD, grads_f)):  # each its share
+            add("grad", ph, gb_exp * g.n / n_late)
+        add("gather", Phase.BACKWARD, gb_exp * gather_b.n / n_late)
+    sync_axes: dict[str, float] = {}
+    for g in (grads_b, grads_f, gather_b):
+        for ax, t in g.axes.items():
+            sync_axes[ax] = sync_axes.get(ax, 0.0) + t
     after = 0.0
     for kind, ph in [k for k in groups if k[0] == "after"]:
         t_after = groups[(kind, ph)].total
@@ -241,7 +280,7 @@ def _stage(compute: StageCompute, items: Sequence[Item], chunks: Sequence[int], 
         after += t_after
     opt = sec.get(("O", 0), 0.0)
     if pipelined:
-        tail = gb_exp + after + opt
+        tail = after + opt
         f[chunks[0]] += g_exp / m  # the forward gathers' exposed part lengthens the first forward
     else:
         f[chunks[0]] += g_exp
@@ -249,7 +288,9 @@ def _stage(compute: StageCompute, items: Sequence[Item], chunks: Sequence[int], 
         tail = after + opt
     flops = sum(c.flops * (m if k[0] in "FB" else 1) for k, c in compute.items() if k[0] != "R")
     again = sum(c.flops * m for k, c in compute.items() if k[0] == "R")
-    return _Stage(f, b, tail, fwd_total + bwd_total + opt, flops, flops + again, axis, exposed)
+    return _Stage(f, b, tail, fwd_total + bwd_total + opt, flops, flops + again, axis, exposed,
+                  sync=(gather_b.total + grads_b.total + grads_f.total) if pipelined else 0.0,
+                  sync_axes=sync_axes, sync_last=late)
 
 
 def predict(mesh: sl.Mesh, dev: Device, *, precision: str, compute: Mapping[int, StageCompute],
@@ -286,16 +327,24 @@ def predict_items(dev: Device, *, precision: str, compute: Mapping[int, StageCom
         def cost(r: int, a: Action) -> float:
             return (stages[r].f if a.kind is Kind.F else stages[r].b)[a.chunk]
 
-        if closed_form:
+        if closed_form:  # the syncs hidden behind the last backward only
             st = stages[0]
             busy = m * sum(st.f[c] + st.b[c] for c in st.f)
             span = busy / (1 - bubble_theory(pipe)) + hop * 2 * (pipe.pp - 1)
-            return _result(stages, {0: span + st.tail}, bubble_theory(pipe), tokens, dev,
-                           precision)
+            sync = _hidden(1, st.sync, st.sync_last, st.b[min(st.b)])
+            return _result(stages, {0: span + sync + st.tail}, bubble_theory(pipe), tokens,
+                           dev, precision)
         slots = timeline(pipe, cost=cost, hop=hop)
         t0 = min(s.start for s in slots)
-        ends = {r: max(s.end for s in slots if s.rank == r) - t0 + stages[r].tail
-                for r in range(pp)}
+        ends = {}
+        for r in range(pp):
+            mine = [s for s in slots if s.rank == r]
+            end = max(s.end for s in mine)
+            last = {s.action.chunk: (s.start, s.end) for s in
+                    sorted(mine, key=lambda s: s.end) if s.action.kind is Kind.B}
+            sync = _sync_exposed(stages[r], last, end)
+            stages[r].expose_sync(sync)
+            ends[r] = end - t0 + sync + stages[r].tail
         bubble = bubble_of(slots, pp)
     return _result(stages, ends, bubble, tokens, dev, precision)
 

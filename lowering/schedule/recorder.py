@@ -187,8 +187,14 @@ class Recorder(TorchDispatchMode):
                             phase=ph)
             if flops or nbytes:
                 self._add(ph, Cost(flops, nbytes, flops if attention else 0,
-                                   flops if attention == "causal" else 0, 0.0))
+                                   flops / 2 if attention == "causal" else 0, 0.0))
         return out
+
+    def skipped_attention(self, flops: float) -> None:
+        """Count ``flops`` of attention a kernel leaves out (ring attention's masked
+        blocks) in the model's FLOPs, at no time (dry mode's prediction only)."""
+        if self.count_compute and not self._paused and flops:
+            self._add(self.current_phase(), Cost(flops, 0.0, flops, flops, 0.0))
 
     def _add(self, phase: Phase, cost: Cost) -> None:
         self._compute[phase] = self._compute.get(phase, Cost(fused_bytes=0.0)) + cost

@@ -31,8 +31,8 @@ class Cost:
     """Compute one rank spends in part of a step, counted on its own tensors (dry mode):
     ``flops`` of ops with a FLOP formula (matmuls, fused attention; a causal mask not
     discounted, as the usual 6ND-style counts do), of which ``attention_flops`` in fused
-    attention kernels and ``causal_flops`` in those with a causal mask (they skip the
-    masked half), and ``bytes`` read and written by the other ops (elementwise, norms,
+    attention kernels and ``skipped_flops`` the part of those a kernel does not run (half
+    of a causal kernel's; the masked blocks ring attention leaves out), and ``bytes`` read and written by the other ops (elementwise, norms,
     copies, the optimizer's updates; views and allocations are free), each op on its own
     as eager PyTorch runs it; ``fused_bytes`` those that reach memory when chains of such
     ops are fused (:mod:`lowering.schedule.fusion`; ``None``: the same as ``bytes``)."""
@@ -40,11 +40,11 @@ class Cost:
     flops: float = 0.0
     bytes: float = 0.0
     attention_flops: float = 0.0
-    causal_flops: float = 0.0
+    skipped_flops: float = 0.0
     fused_bytes: float | None = None
 
     def _fields(self) -> tuple[float, float, float, float, float]:
-        return (self.flops, self.bytes, self.attention_flops, self.causal_flops,
+        return (self.flops, self.bytes, self.attention_flops, self.skipped_flops,
                 self.bytes if self.fused_bytes is None else self.fused_bytes)
 
     def memory_bytes(self, fused: bool) -> float:
