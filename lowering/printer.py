@@ -151,8 +151,8 @@ def print_pipeline(plan: Plan, console: Console, *, measured: Sequence[float] = 
                   f"{pipe.microbatches} microbatches, {pipe.virtual} chunk(s) per rank; "
                   f"{pl.stack} ({pl.n_layers} layers) split as:")
     for r, chunks in d["layers"].items():  # type: ignore[union-attr]
-        spans = ", ".join(f"layers {c[0]}-{c[-1]}" if len(c) > 1 else f"layer {c[0]}"
-                          for c in chunks)
+        spans = ", ".join(f"layers {c[0]}-{c[-1]}" if len(c) > 1 else
+                          f"layer {c[0]}" if c else "no layers" for c in chunks)
         extra = []
         if r == "0":
             extra.append("+ embedding")

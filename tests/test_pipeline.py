@@ -14,6 +14,7 @@ import pytest
 import shardlang as sl
 from lowering.run import Layout, explain, simulate
 from lowering.plan import Kind, Pipe, Schedule, actions, bubble_of, bubble_theory, timeline
+from lowering.plan.pipeline import check_pipe
 from lowering.run.registry import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +164,8 @@ def test_all_ranks_groups_ranks_that_share_a_schedule(cli) -> None:
 @pytest.mark.parametrize(("model", "mesh", "schedule", "m", "v", "fsdp"), [
     ("gpt-tiny", dict(pp=2, dp=2), "1f1b", 2, None, True),
     ("gpt-tiny", dict(pp=2, tp=2, sp=2), "interleaved", 2, 2, False),
+    # 6 chunks for 4 layers: the first holds only the embedding, the last only the head
+    ("gpt-tiny", dict(pp=2, dp=2), "interleaved", 2, 3, False),
 ])
 def test_simulated_pipelines_match_one_device(model: str, mesh: dict, schedule: str, m: int,
                                               v: int | None, fsdp: bool) -> None:
@@ -213,11 +216,13 @@ def _compare_with_simulate_and_dry(spec: str, got: dict) -> None:
 
 @pytest.mark.torchrun
 def test_run_mode_two_and_four_processes(tmp_path: Path) -> None:
-    """One launch of 2 processes (pp=2 under GPipe, 1F1B and interleaved v=2) and one of
+    """One launch of 2 processes (pp=2 under GPipe, 1F1B, interleaved v=2, and v=3: 6
+    chunks for 4 layers, the edge chunks the embedding's and the head's alone) and one of
     4 (pp=4 under GPipe and 1F1B, pp=2 x dp=2, pp=2 x tp=2): every rank matches one device
     over 5 steps, the losses equal simulate mode's and every rank's recorded schedule
     equals dry mode's."""
-    two = ["gpt-tiny/pp=2/gpipe/2", "gpt-tiny/pp=2/1f1b/2", "gpt-tiny/pp=2/interleaved/2/2"]
+    two = ["gpt-tiny/pp=2/gpipe/2", "gpt-tiny/pp=2/1f1b/2", "gpt-tiny/pp=2/interleaved/2/2",
+           "gpt-tiny/pp=2/interleaved/2/3"]
     four = ["gpt-tiny/pp=4/gpipe/4", "gpt-tiny/pp=4/1f1b/4", "gpt-tiny/pp=2,dp=2/1f1b/2",
             "gpt-tiny/pp=2,tp=2/gpipe/2"]
     for nproc, specs in ((2, two), (4, four)):
@@ -254,6 +259,7 @@ def test_layers_called_by_keyword_returning_tuples_pipeline() -> None:
     ("gpt-tiny", dict(pp=2, dp=2, tp=2), "1f1b", 2, None, False),
     ("gpt-tiny", dict(pp=2, dp=2, tp=2), "gpipe", 4, None, True),
     ("gpt-tiny", dict(pp=2, tp=2), "interleaved", 2, 2, False),
+    ("gpt-tiny", dict(pp=2, tp=2), "interleaved", 2, 3, False),
     ("gpt-tiny", dict(pp=2, dp=2, tp=2), "interleaved", 2, 2, True),
     ("gpt-moe-tiny", dict(pp=2, ep=2, sp=2), "1f1b", 2, None, True),
 ])
@@ -273,3 +279,16 @@ def test_every_stage_totals_equal_the_formulas(model: str, mesh: dict, schedule:
             assert got[axis]["wire_bytes"] == pytest.approx(vol.wire_bytes), (pp_rank, axis)
             assert got[axis]["count"] == sum(t.count for t in vol.terms), (pp_rank, axis)
         assert unexplained(recs, ex.analytic) == []
+
+
+def test_balanced_pipeline_gives_the_edge_chunks_the_embedding_and_head_alone() -> None:
+    """The Llama 3 paper's pipeline (section 3.3.2): 126 layers on pp=16 x v=8 = 128
+    chunks, one layer each, the first chunk only the embedding and the last only the
+    head and the loss; one chunk more than layers leaves only the last bare; fewer chunks
+    than layers split as before (the edges, which hold the embedding and head, lighter)."""
+    one = [0] + [1] * 126 + [0]
+    assert Pipe(Schedule.INTERLEAVED, 16, 16, 8).layer_counts(126) == one
+    assert Pipe(Schedule.ONE_F_ONE_B, 5, 5).layer_counts(4) == [1, 1, 1, 1, 0]
+    assert Pipe(Schedule.INTERLEAVED, 16, 16, 2).layer_counts(126) == [3] + [4] * 30 + [3]
+    with pytest.raises(sl.ShardingError, match=r"pp\*v <= 128"):
+        check_pipe(Pipe(Schedule.INTERLEAVED, 16, 16, 9), n_layers=126, where="the model")

@@ -142,11 +142,16 @@ class StageModel:
                 if args:
                     return (h_in, *args[1:]), kwargs
                 return args, {**kwargs, hidden_key(kwargs): h_in}
-            handles.append(self.stack[layers.start].register_forward_pre_hook(swap, with_kwargs=True))
+            # a chunk of no layers (the head's alone) takes its input at the last layer,
+            # which passes it through as every layer this chunk does not hold does
+            at = min(layers.start, self.n_layers - 1)
+            handles.append(self.stack[at].register_forward_pre_hook(swap, with_kwargs=True))
         if not last:
             def stop(mod: nn.Module, args: tuple, out: object) -> None:
                 raise _Stop(_hidden(out))
-            handles.append(self.stack[layers.stop - 1].register_forward_hook(stop))
+            # the embedding's chunk ends after layer 0, which passes the embedding through
+            at = layers.stop - 1 if len(layers) else layers.start
+            handles.append(self.stack[at].register_forward_hook(stop))
         try:
             yield
         finally:

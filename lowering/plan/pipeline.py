@@ -83,8 +83,13 @@ class Pipe:
         """Layers per chunk: equal, or where ``chunks`` does not divide the layers, one more
         in the chunks nearest the middle (the first and last chunks also hold the
         embedding and the head, so they get the fewer): 126 layers on 16 chunks are
-        7 x 8 + 9 x 7 ... arranged 7, 7, ..., 8, 8, ..., 7."""
+        7 x 8 + 9 x 7 ... arranged 7, 7, ..., 8, 8, ..., 7. One or two chunks more than
+        layers (the balanced pipeline of the Llama 3 paper, section 3.3.2: 126 layers on
+        16 ranks x 8 chunks) give every chunk one layer but the last, which holds only the
+        head and the loss, and with two more the first, which holds only the embedding."""
         c = self.chunks
+        if c > n_layers:  # Llama 3's balanced pipeline: one layer a chunk, the edges bare
+            return [0 if i == c - 1 or (i == 0 and c == n_layers + 2) else 1 for i in range(c)]
         base, extra = divmod(n_layers, c)
         middle = sorted(range(c), key=lambda i: (abs(2 * i - (c - 1)), i))[:extra]
         return [base + (i in middle) for i in range(c)]
@@ -119,11 +124,12 @@ def check_pipe(pipe: Pipe, *, n_layers: int, where: str, batch: int | None = Non
         raise sl.ShardingError(
             f"{given('virtual', v)} needs schedule='interleaved' (--schedule interleaved): "
             f"{pipe.schedule.value} runs one stage per pipeline rank")
-    if n_layers < p * v:
+    if n_layers + 2 < p * v:
         raise sl.ShardingError(
             f"pp*v = {p}*{v} = {p * v} pipeline chunks but {where} has {n_layers} layers "
-            f"(logical axis 'layers'): each chunk holds at least one whole layer; choose "
-            f"pp*v <= {n_layers}")
+            f"(logical axis 'layers'): each chunk holds at least one whole layer, but the "
+            f"first may hold only the embedding and the last only the head; choose "
+            f"pp*v <= {n_layers + 2}")
     if pipe.schedule is Schedule.ONE_F_ONE_B and m < p:
         raise sl.ShardingError(
             f"1F1B needs at least as many microbatches as pipeline stages: "
