@@ -284,7 +284,7 @@ def test_full_recompute_runs_the_stack_forward_again_as_torch_checkpoint_does() 
     ex = explain(lay)
     stack = ex.stack[0][0].forward
     assert stack.flops - stack.attention_flops == again
-    again = stack.flops
+    again = stack.flops - stack.skipped_flops  # a causal kernel runs half its pairs
     p = ex.predict(device("h100-80gb"))
     none = explain(_llama(2, "dp=1")).predict(device("h100-80gb"))
     executed, model_flops = (p.hardware_tflops_per_gpu * p.step_s * 1e12,

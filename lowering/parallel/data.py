@@ -105,7 +105,7 @@ class _Buckets:
     def _reset(self) -> None:
         self.ready: dict[int, list[tuple[nn.Parameter, DTensor]]] = {}
         self.left = {i: len(b.names) for i, (b, _) in enumerate(self.buckets)}
-        self.issued: list[tuple[int, tuple[list[tuple[nn.Parameter, DTensor]], torch.Tensor]]] = []
+        self.issued: list[tuple[int, list[tuple[nn.Parameter, DTensor]], torch.Tensor]] = []
         self.armed = False
 
     def arrived(self, name: str, param: nn.Parameter, g: DTensor) -> bool:
@@ -136,7 +136,7 @@ class _Buckets:
                 if k:
                     flat = wait(flat)
                 flat = all_reduce_async(flat, "sum", (self.dmesh, d))
-        self.issued.append((i, (members, flat)))
+        self.issued.append((i, members, flat))
 
     def _flat(self, i: int, blocks: list[torch.Tensor]) -> torch.Tensor:
         """The bucket's gradients in one flat buffer: the last step's, once nothing holds
@@ -157,7 +157,7 @@ class _Buckets:
         for every bucket, and unpack."""
         for i in sorted(self.ready):
             self._issue(i)
-        for i, (members, flat) in self.issued:
+        for i, members, flat in self.issued:
             flat = wait(flat)
             at = 0
             for param, g in members:

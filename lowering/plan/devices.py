@@ -15,10 +15,15 @@ The time model's factors, the same for every GPU and not fitted to any training 
   between 65% and 80% of the datasheet peak: clocks throttle under load, tiles quantize).
 * ``attention_efficiency``: the fraction of the dense peak a fused attention kernel
   (forward and backward, head dim 128) reaches, the FLOPs of a causal mask's skipped half
-  not counted. torch's flash backend is FlashAttention-2: 50-73% of the A100's peak
-  (Dao, "FlashAttention-2", 2023), so 0.6 there; 35% of the H100's (Shah et al.,
-  "FlashAttention-3", 2024: "FlashAttention-2 achieves only 35% utilization on H100"), so
-  0.35 on H100 and H200 (one chip) and, for want of a published figure, on B200.
+  not counted. On the A100 the kernel is FlashAttention-2: 50-73% of the peak (Dao,
+  "FlashAttention-2", 2023), so 0.6. On Hopper FlashAttention-2 reaches only 35% (Shah
+  et al., "FlashAttention-3", 2024), and training stacks run FlashAttention-3 or cuDNN's
+  fused attention there instead: FlashAttention-3's BF16 forward at head dim 128 runs at
+  590-620 TFLOP/s for sequences of 2K-16K (PyTorch's benchmark suite, pytorch/benchmark
+  #2391; up to 740, 75%, in the paper), 0.6-0.63 of the peak, and its backward 1.5-1.75
+  times FlashAttention-2's, 0.5-0.6; weighted by the backward's 2.5 times the forward's
+  FLOPs, 0.55. So 0.55 on H100 and H200 (one chip) and, for want of a published
+  figure, on B200.
 * ``hbm_efficiency`` 0.8: the fraction of the datasheet HBM bandwidth a streaming kernel
   reaches (STREAM-like copies on A100/H100 reach 80-90%).
 * ``fuses`` (True on GPUs): memory-bound ops move the bytes a fusing stack moves
@@ -56,7 +61,7 @@ class Device:
     sources: tuple[str, ...]
     #: the time model's efficiency factors and link latencies (module docstring)
     matmul_efficiency: float = 0.7
-    attention_efficiency: float = 0.35
+    attention_efficiency: float = 0.55
     hbm_efficiency: float = 0.8
     fuses: bool = True
     intra_node_latency: float = 2e-6

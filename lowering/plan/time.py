@@ -12,9 +12,12 @@ bytes of every other op) and its recorded collectives. The model:
   chains of pointwise ops and reductions between two matmuls as one kernel, as fused
   kernels and ``torch.compile`` run them) and every eager op's on ``cpu``; a causal fused
   attention's FLOPs count half (its kernel skips the masked blocks), and the blocks ring
-  attention skips under a causal mask take no time. Reported TFLOP/s count every traced
-  FLOP (causal attention in full, ring attention's skipped blocks included, as 6ND-style
-  counts do), so they do not depend on the layout.
+  attention skips under a causal mask take no time. Reported TFLOP/s count the FLOPs
+  the model needs: every matmul's, and attention's over the (query, key) pairs a causal
+  mask leaves, half of the square, as FlashAttention's own benchmarks count causal
+  attention (whichever rank or ring step computes them, so they do not depend on the
+  layout). Counting the masked half too, as Megatron-LM's and PaLM's formulas do, would
+  make a long sequence look faster than a short one on the same kernels.
 * **a collective**: ``latency * ring steps + wire bytes / bandwidth`` with the ring
   formulas of :func:`lowering.schedule.wire_bytes`; the link is NVLink when the group's
   ranks span at most ``gpus_per_node`` consecutive ranks (canonical order, tp innermost),
@@ -286,8 +289,10 @@ def _stage(compute: StageCompute, items: Sequence[Item], chunks: Sequence[int], 
         f[chunks[0]] += g_exp
         b[chunks[0]] += gb_exp
         tail = after + opt
-    flops = sum(c.flops * (m if k[0] in "FB" else 1) for k, c in compute.items() if k[0] != "R")
-    again = sum(c.flops * m for k, c in compute.items() if k[0] == "R")
+    # the model's FLOPs: a causal mask's hidden half not counted (module docstring)
+    flops = sum((c.flops - c.skipped_flops) * (m if k[0] in "FB" else 1)
+                for k, c in compute.items() if k[0] != "R")
+    again = sum((c.flops - c.skipped_flops) * m for k, c in compute.items() if k[0] == "R")
     return _Stage(f, b, tail, fwd_total + bwd_total + opt, flops, flops + again, axis, exposed,
                   sync=(gather_b.total + grads_b.total + grads_f.total) if pipelined else 0.0,
                   sync_axes=sync_axes, sync_last=late)
