@@ -241,6 +241,23 @@ def test_plan_ranks_layouts_as_explain_predicts(capsys: pytest.CaptureFixture[st
         assert k in cands[0], k
 
 
+def test_plan_searches_every_chunk_count_up_to_one_layer_a_chunk() -> None:
+    """Interleaved candidates: v = 2, 4, 8, 16 while every chunk holds a layer, and the
+    Llama 3 paper's pp * v = layers + 2 (the embedding and the head each a chunk)."""
+    from lowering.plan.search import _virtuals
+    assert _virtuals(16, 126) == [2, 4, 8]  # 16 * 8 = 128 = 126 + 2: already there
+    assert _virtuals(4, 30) == [2, 4, 8]    # 32 = 30 + 2
+    assert _virtuals(2, 4) == [2, 3]        # 6 chunks: 4 layers, the embedding, the head
+    assert _virtuals(4, 6) == [2]
+    assert _virtuals(8, 6) == []
+    prof = profile(Layout.of("gpt-tiny", "dp=1", batch=8))  # 4 layers
+    got = {(c.mesh.pp, c.virtual) for c in candidates(2, prof, gpus_per_node=2)[0]
+           if c.schedule == "interleaved"}
+    assert got == {(2, 2), (2, 3)}
+    assert explain(Layout.of("gpt-tiny", "pp=2", batch=8, microbatches=2,
+                             schedule="interleaved", virtual=3)).predict(device("cpu")).step_s > 0
+
+
 def test_plan_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "gpt-tiny", "--world", "4", "--device", "tpu-v9"]) == 2
     err = capsys.readouterr().err

@@ -144,19 +144,30 @@ def _expand(x: torch.Tensor, group: int) -> torch.Tensor:
     return x if group == 1 else x.repeat_interleave(group, 1)
 
 
+def _part(q: torch.Tensor, kv: torch.Tensor, me: torch.Tensor, *, step: int, n: int,
+          causal: bool, balanced: bool) -> tuple[slice, slice, bool, torch.Tensor, torch.Tensor] | None:
+    """What one ring step computes on one rank: (query rows, key columns, causal within the
+    block, the block's K and V repeated to the query heads), None when it is all masked."""
+    part = _block_of(int(me), step, n, q.shape[2], causal=causal, balanced=balanced,
+                     dry=q.device.type == "meta")
+    if part is None:
+        return None
+    rows, cols, masked = part
+    group = q.shape[1] // kv.shape[2]  # grouped-query attention: query heads per K/V head
+    return (rows, cols, masked, _expand(kv[0][:, :, cols], group),
+            _expand(kv[1][:, :, cols], group))
+
+
 @per_rank
 def _step(q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor | None, lse: torch.Tensor | None,
           me: torch.Tensor, *, step: int, n: int, causal: bool, scale: float,
           balanced: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One ring step on one rank: attend to the K/V block held now, merge into (out, lse)."""
-    part = _block_of(int(me), step, n, q.shape[2], causal=causal, balanced=balanced,
-                    dry=q.device.type == "meta")
+    part = _part(q, kv, me, step=step, n=n, causal=causal, balanced=balanced)
     if part is None:
         return out, lse  # type: ignore[return-value]  # step 0 (own block) always computes
-    rows, cols, masked = part
-    group = q.shape[1] // kv.shape[2]  # grouped-query attention: query heads per K/V head
-    o, l = _block(q[:, :, rows], _expand(kv[0][:, :, cols], group),
-                  _expand(kv[1][:, :, cols], group), causal=masked, scale=scale)
+    rows, cols, masked, k, v = part
+    o, l = _block(q[:, :, rows], k, v, causal=masked, scale=scale)
     o = o.float()
     if out is None:
         return o, l
@@ -176,17 +187,14 @@ def _step_backward(dout: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, out: t
                    scale: float, balanced: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One ring step's gradients on one rank: (queries', this K/V block's)."""
     dq, dkv = torch.zeros_like(q), torch.zeros_like(kv)
-    part = _block_of(int(me), step, n, q.shape[2], causal=causal, balanced=balanced,
-                    dry=q.device.type == "meta")
+    part = _part(q, kv, me, step=step, n=n, causal=causal, balanced=balanced)
     if part is None:
         return dq, dkv
-    rows, cols, masked = part
-    b, hk, _, d = kv.shape[1:]
+    rows, cols, masked, k, v = part
+    hk = kv.shape[2]
     group = q.shape[1] // hk
-    g_q, g_k, g_v = _block_backward(
-        dout[:, :, rows], q[:, :, rows], _expand(kv[0][:, :, cols], group),
-        _expand(kv[1][:, :, cols], group), out[:, :, rows], lse[:, :, rows],
-        causal=masked, scale=scale)
+    g_q, g_k, g_v = _block_backward(dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows],
+                                    lse[:, :, rows], causal=masked, scale=scale)
     dq[:, :, rows] = g_q
     for i, g in enumerate((g_k, g_v)):
         dkv[i][:, :, cols] = g if group == 1 else g.unflatten(1, (hk, group)).sum(2)

@@ -154,8 +154,17 @@ def _pipelines(mesh: sl.Mesh, fsdp: bool, prof: ModelProfile, drop) -> list[Cand
             drop("the microbatches do not divide a rank's rows")
             continue
         out.append(Candidate(mesh, fsdp, m, "1f1b"))
-        if prof.layers >= 2 * mesh.pp:
-            out.append(Candidate(mesh, fsdp, m, "interleaved", 2))
+        out += [Candidate(mesh, fsdp, m, "interleaved", v) for v in _virtuals(mesh.pp, prof.layers)]
+    return out
+
+
+def _virtuals(pp: int, layers: int) -> list[int]:
+    """Chunks per pipeline rank worth a try: 2, 4, 8, ... while every chunk holds a layer,
+    and the one count that gives every layer its own chunk with the embedding and the head
+    each alone at the two ends (``pp * v == layers + 2``, the Llama 3 paper's pipeline)."""
+    out = [v for v in (2, 4, 8, 16) if pp * v <= layers]
+    if (layers + 2) % pp == 0 and (v := (layers + 2) // pp) >= 2 and v not in out:
+        out.append(v)
     return out
 
 

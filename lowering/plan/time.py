@@ -264,11 +264,12 @@ def _stage(compute: StageCompute, items: Sequence[Item], chunks: Sequence[int], 
     # the gradient syncs and backward gathers in order: backward gathers, then the
     # gradients (backward, then forward phase); the last of them is always exposed
     late = next((g.last for g in (grads_f, grads_b, gather_b) if g.n), 0.0)
-    gb_exp = _hidden(n_grads + gather_b.n, gather_b.total + grads_b.total + grads_f.total,
-                     late, b[chunks[0]] if pipelined else bwd_total)
     add("gather", Phase.FORWARD, g_exp)
-    n_late = max(1, n_grads + gather_b.n)
+    gb_exp = 0.0
     if not pipelined:  # a pipeline's: once the timeline says when each chunk's last backward ends
+        gb_exp = _hidden(n_grads + gather_b.n, gather_b.total + grads_b.total + grads_f.total,
+                         late, bwd_total)
+        n_late = max(1, n_grads + gather_b.n)
         for ph, g in ((Phase.BACKWARD, grads_b), (Phase.FORWARD, grads_f)):  # each its share
             add("grad", ph, gb_exp * g.n / n_late)
         add("gather", Phase.BACKWARD, gb_exp * gather_b.n / n_late)
@@ -282,13 +283,12 @@ def _stage(compute: StageCompute, items: Sequence[Item], chunks: Sequence[int], 
         add(kind, ph, t_after)
         after += t_after
     opt = sec.get(("O", 0), 0.0)
+    tail = after + opt
     if pipelined:
-        tail = after + opt
         f[chunks[0]] += g_exp / m  # the forward gathers' exposed part lengthens the first forward
     else:
         f[chunks[0]] += g_exp
         b[chunks[0]] += gb_exp
-        tail = after + opt
     # the model's FLOPs: a causal mask's hidden half not counted (module docstring)
     flops = sum((c.flops - c.skipped_flops) * (m if k[0] in "FB" else 1)
                 for k, c in compute.items() if k[0] != "R")
