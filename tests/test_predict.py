@@ -228,7 +228,8 @@ def test_plan_ranks_layouts_as_explain_predicts(capsys: pytest.CaptureFixture[st
     steps = [f.predicted.step_s for f in found.found]
     assert steps == sorted(steps)
     for f in found.found:  # each row is what explain --device predicts for it
-        lay = Layout.of("gpt-tiny", f.candidate.mesh, batch=8, **f.candidate.options())
+        lay = Layout.of("gpt-tiny", f.candidate.mesh, f.candidate.rules, batch=8,
+                        **f.candidate.options())
         assert explain(lay).predict(dev).step_s == pytest.approx(f.predicted.step_s)
     # the pick is at least as fast as a common hand-chosen layout
     assert steps[0] <= explain(Layout.of("gpt-tiny", "dp=4", batch=8)).predict(dev).step_s
@@ -256,6 +257,32 @@ def test_plan_searches_every_chunk_count_up_to_one_layer_a_chunk() -> None:
     assert got == {(2, 2), (2, 3)}
     assert explain(Layout.of("gpt-tiny", "pp=2", batch=8, microbatches=2,
                              schedule="interleaved", virtual=3)).predict(device("cpu")).step_s > 0
+
+
+def test_plan_tries_sequence_parallel_norms_where_tp_splits_the_layers() -> None:
+    """Each layout with tp > 1 is also tried with tp added to norm_seq (Megatron's
+    sequence parallelism): the boundary sent between pipeline stages shrinks tp-fold in
+    the estimate, and the traced layout holds fewer activation bytes."""
+    from lowering.search.search import seq_tp_rule
+    assert seq_tp_rule(sl.Rules.default()) == "norm_seq=sp+tp"
+    assert seq_tp_rule(sl.Rules.parse("norm_seq=sp+tp", base=sl.Rules.default())) == ""
+    assert seq_tp_rule(sl.Rules.parse("norm_seq=none", base=sl.Rules.default())) == ""
+    base = Layout.of("gpt-tiny", "dp=1", batch=8)
+    prof = profile(base)
+    cands = candidates(4, prof, gpus_per_node=4, seq_tp="norm_seq=sp+tp")[0]
+    with_tp = [c for c in cands if c.mesh.tp > 1]
+    assert with_tp and {c.rules for c in with_tp} == {"", "norm_seq=sp+tp"}
+    assert all(c.rules == "" for c in cands if c.mesh.tp == 1)
+    pipe = [c for c in with_tp if c.mesh.pp > 1 and c.rules]
+    plain = dataclasses.replace(pipe[0], rules="")
+    dev = device("h100-80gb")
+    sp_pred, _ = estimate(pipe[0], prof, dev, precision="fp32")
+    plain_pred, _ = estimate(plain, prof, dev, precision="fp32")
+    assert sp_pred.axis_s["pp"] < plain_pred.axis_s["pp"]
+    acts = {r: explain(Layout.of("gpt-tiny", "tp=2", r, batch=8)).memory[0].activations
+            for r in ("", "norm_seq=sp+tp")}
+    assert acts["norm_seq=sp+tp"] < acts[""]
+    assert "rules norm_seq=sp+tp" in pipe[0].label()
 
 
 def test_plan_bad_input(capsys: pytest.CaptureFixture[str]) -> None:

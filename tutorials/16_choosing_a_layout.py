@@ -68,7 +68,8 @@ for i, f in enumerate(found.found, 1):
           f"tokens/s, {p.tflops_per_gpu:.0f} TFLOP/s per GPU ({p.mfu:.1%} MFU), peak "
           f"{human(f.memory.peak)}; {p.why}")
 best = found.found[0]
-ex = explain(Layout.of("gpt-7b", best.candidate.mesh, batch=64, seq=2048, precision="bf16",
+ex = explain(Layout.of("gpt-7b", best.candidate.mesh, best.candidate.rules, batch=64, seq=2048,
+                       precision="bf16",
                        **best.candidate.options()))
 again = ex.predict(H100)
 print(f"explain --device h100-80gb on the winner predicts {again.step_s:.3f} s: the same "

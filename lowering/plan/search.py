@@ -23,6 +23,7 @@ then traces the best ones in dry mode and ranks those by the traced prediction, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ class ModelProfile:
     stack_saved: int = 0    # bytes of ``activations`` saved inside the stack's layers
     stack_inputs: int = 0   # bytes of the layers' inputs (what full recompute keeps)
     layer_saved: int = 0    # the most one layer saves
+    norm_seq: bool = False  # whether activations carry the logical axis ``norm_seq``
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class Candidate:
     schedule: str = "none"     # none (pp = 1), 1f1b, interleaved
     virtual: int = 1
     recompute: str = "none"
+    #: rules on top of the search's (``--rules`` syntax): ``norm_seq=...+tp`` is Megatron's
+    #: sequence parallelism, the norms' and the pipeline boundary's sequence split over tp
+    rules: str = ""
 
     def options(self) -> dict[str, object]:
         """Layout keywords (``Layout.of(model, mesh, **options)``)."""
@@ -91,7 +96,7 @@ class Candidate:
 
     def label(self) -> str:
         mesh = ",".join(f"{a}={n}" for a, n in self.mesh.shape.items()) or "dp=1"
-        extra = [*(["fsdp"] if self.fsdp else []),
+        extra = [*(["fsdp"] if self.fsdp else []), *([f"rules {self.rules}"] if self.rules else []),
                  *([f"recompute {self.recompute}"] if self.recompute != "none" else []),
                  *([f"{self.schedule} m={self.microbatches}"
                     + (f" v={self.virtual}" if self.virtual > 1 else "")]
@@ -103,10 +108,11 @@ def divisors_of(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidates(world: int, prof: ModelProfile, *, gpus_per_node: int) -> tuple[list[Candidate],
-                                                                              dict[str, int]]:
+def candidates(world: int, prof: ModelProfile, *, gpus_per_node: int,
+               seq_tp: str = "") -> tuple[list[Candidate], dict[str, int]]:
     """Every layout of ``world`` ranks the model's shapes allow, and why others were
-    dropped (reason -> how many)."""
+    dropped (reason -> how many). ``seq_tp``: the rule that adds tp to ``norm_seq``
+    (sequence parallelism); each layout with tp > 1 is then tried with it too."""
     out: list[Candidate] = []
     dropped: dict[str, int] = {}
 
@@ -138,8 +144,13 @@ def candidates(world: int, prof: ModelProfile, *, gpus_per_node: int) -> tuple[l
                         drop(f"dp x ep does not divide the global batch {prof.batch}")
                         continue
                     mesh = sl.Mesh(pp=pp, dp=dp, tp=tp, sp=sp, ep=ep)
+                    # (the pipeline boundary carries norm_seq on every model)
+                    seq_rules = [""] + ([seq_tp] if seq_tp and tp > 1 and prof.seq % (sp * tp) == 0
+                                        and (prof.norm_seq or pp > 1) else [])
                     for fsdp in ((False, True) if dp > 1 else (False,)):
-                        out += _pipelines(mesh, fsdp, prof, drop)
+                        for r in seq_rules:
+                            out += [dataclasses.replace(c, rules=r) if r else c
+                                    for c in _pipelines(mesh, fsdp, prof, drop)]
     return out, dropped
 
 
@@ -239,7 +250,8 @@ def estimate(c: Candidate, prof: ModelProfile, dev: Device, *, precision: str,
                    max(1, math.ceil(grad_bytes / BUCKET_BYTES)))
         items.append(("grad", Phase.BACKWARD, "dp",
                       t(Op.ALL_REDUCE, "dp", grad_bytes / buckets, n), buckets))
-    hop = t(Op.SEND, "pp", hidden_bytes, pp) if pipe else 0.0
+    # the boundary's sequence split over tp under sequence parallelism
+    hop = t(Op.SEND, "pp", hidden_bytes / (mesh.tp if c.rules else 1), pp) if pipe else 0.0
     if pipe:
         items.append(("p2p", Phase.FORWARD, "pp", 2 * m * v * hop, 1))
         # embeddings, final norm, head: their gradients summed over pp, one by one

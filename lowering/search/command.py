@@ -49,7 +49,8 @@ def add_plan_parser(sub: argparse._SubParsersAction, model_help: str) -> None:  
                         "only pre-sort them)")
     p.add_argument("--json", action="store_true",
                    help='print {"candidates": [{"mesh", "fsdp", "microbatches", "schedule", '
-                        '"recompute", "memory", "predicted", "why"}]} best first')
+                        '"virtual", "recompute", "rules", "memory", "predicted", "why"}]} '
+                        'best first ("rules": what to pass as --rules, e.g. norm_seq=sp+tp)')
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:

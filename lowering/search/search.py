@@ -44,10 +44,20 @@ class Found:
         c = self.candidate
         return {"mesh": ",".join(f"{a}={n}" for a, n in c.mesh.shape.items()) or "dp=1",
                 "fsdp": c.fsdp, "microbatches": c.microbatches, "schedule": c.schedule,
-                "virtual": c.virtual, "recompute": c.recompute,
+                "virtual": c.virtual, "recompute": c.recompute, "rules": c.rules,
                 "memory": {**self.memory.json(), "rank": self.memory_rank},
                 "predicted": self.predicted.json(), "why": self.predicted.why,
                 "estimate_s": self.estimate_s}
+
+
+def seq_tp_rule(rules: sl.Rules) -> str:
+    """The rule that adds tp to ``norm_seq`` (Megatron's sequence parallelism) on top of
+    ``rules``; empty where it is there already or ``norm_seq`` has no rule to extend."""
+    entry = rules.mesh_entry("norm_seq")
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    if entry is None or "tp" in axes:
+        return ""
+    return "norm_seq=" + "+".join((*axes, "tp"))
 
 
 @dataclass
@@ -116,7 +126,7 @@ def profile(layout: Layout) -> ModelProfile:
         optimizer=c.get(("O", 0), Cost()), activations=ex.memory[0].activations,
         compute_bytes=torch.empty((), dtype=dtype).element_size(),
         stack_forward=st.forward, stack_saved=st.saved, stack_inputs=st.inputs,
-        layer_saved=st.largest)
+        layer_saved=st.largest, norm_seq="norm_seq" in ex.plan.trace.names)
 
 
 def search(layout: Layout, world: int, dev: Device, *, top: int = 3,
@@ -132,7 +142,7 @@ def search(layout: Layout, world: int, dev: Device, *, top: int = 3,
     g = gpus_per_node or dev.gpus_per_node
     prof = profile(layout)
     precision = layout.options.precision.value
-    cands, dropped = candidates(world, prof, gpus_per_node=g)
+    cands, dropped = candidates(world, prof, gpus_per_node=g, seq_tp=seq_tp_rule(layout.rules))
     out = Search(world, considered=len(cands), dropped=dropped)
     if not cands:
         raise sl.ShardingError(_no_layout(world, prof, dropped, g))
@@ -189,7 +199,7 @@ class _Job:
         report and prediction do)."""
         layout, modes = self.layout, self.modes
         try:
-            lay = Layout(layout.model, c.mesh, layout.rules,
+            lay = Layout(layout.model, c.mesh, sl.Rules.parse(c.rules, base=layout.rules),
                          dataclasses.replace(layout.options, **c.options()), layout.seed)
             ex = explain(lay)
         except sl.ShardingError:
