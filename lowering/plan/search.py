@@ -148,9 +148,8 @@ def candidates(world: int, prof: ModelProfile, *, gpus_per_node: int,
                     seq_rules = [""] + ([seq_tp] if seq_tp and tp > 1 and prof.seq % (sp * tp) == 0
                                         and (prof.norm_seq or pp > 1) else [])
                     for fsdp in ((False, True) if dp > 1 else (False,)):
-                        for r in seq_rules:
-                            out += [dataclasses.replace(c, rules=r) if r else c
-                                    for c in _pipelines(mesh, fsdp, prof, drop)]
+                        pipes = _pipelines(mesh, fsdp, prof, drop)
+                        out += [dataclasses.replace(c, rules=r) for r in seq_rules for c in pipes]
     return out, dropped
 
 

@@ -54,8 +54,8 @@ def seq_tp_rule(rules: sl.Rules) -> str:
     """The rule that adds tp to ``norm_seq`` (Megatron's sequence parallelism) on top of
     ``rules``; empty where it is there already or ``norm_seq`` has no rule to extend."""
     entry = rules.mesh_entry("norm_seq")
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    if entry is None or "tp" in axes:
+    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    if not axes or "tp" in axes:
         return ""
     return "norm_seq=" + "+".join((*axes, "tp"))
 
